@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both install into .venv/ first if needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test lint clean-demo
+
+install: $(STAMP)
+
+# torch is pinned in the same pip call as deepspeed (requirements.txt), so pip never pulls a CUDA build.
+# The last step builds DeepSpeed's CPU shared-memory comm op once, so no run pays its ~30 s JIT later.
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+	touch $(STAMP)
+
+demo: install
+	$(PY) tools/demo.py --out demo_out
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
