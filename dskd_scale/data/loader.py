@@ -1,0 +1,162 @@
+"""The training data loader: prealigned dataset + resumable sampler + dynamic-padding collate.
+
+Consumption is counted when a batch is *handed to the caller* (the training step), never when a worker
+prefetches it: a checkpoint whose ``state_dict()`` is taken after step ``k`` resumes with batch ``k + 1``, with
+any ``num_workers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dskd_scale.data.collate import Collator
+from dskd_scale.data.dataset import DataError, PrealignedDataset
+from dskd_scale.data.sampler import ResumableDistributedSampler
+
+__all__ = ["TrainLoader", "build_train_loader", "pad_id_from_manifest"]
+
+
+class TrainLoader:
+    """Iterating yields Contract 2 batches for the rest of the current epoch, then moves to the next epoch.
+
+    So ``for batch in loader`` runs one (possibly resumed) epoch, and the next ``for`` runs the next one. Breaking
+    out early keeps the position: the next iteration continues with the first batch not yet handed out.
+
+    Args:
+        dataset: examples by index (``ds[i]`` -> dict of numpy arrays).
+        sampler: yields this rank's micro-batches and holds the resumable position.
+        collator: turns a list of examples into a batch.
+        num_workers: DataLoader worker processes (0: collate in this process; collation is vectorised and cheap).
+        pin_memory: pin batches for asynchronous host-to-GPU copies.
+        prefetch_factor: batches each worker prepares ahead (only with ``num_workers > 0``).
+    """
+
+    def __init__(
+        self,
+        dataset: PrealignedDataset,
+        sampler: ResumableDistributedSampler,
+        collator: Collator,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+    ):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset = dataset
+        self.sampler = sampler
+        self.collator = collator
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def consumed_micro_batches(self) -> int:
+        """Micro-batches of the current epoch already handed to the caller."""
+        return self.sampler.consumed_micro_batches
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return self.sampler.micro_batches_per_epoch
+
+    def __len__(self) -> int:
+        return self.sampler.micro_batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.sampler.remaining_micro_batches == 0:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+        for batch in self._batches(list(self.sampler)):
+            # Counted before the hand-over: once the caller holds the batch, a checkpoint must not replay it.
+            self.sampler.advance(1)
+            yield batch
+        self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def _batches(self, micro_batches: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        if self.num_workers == 0:
+            for indices in micro_batches:
+                batch = self.collator([self.dataset[i] for i in indices])
+                yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+            return
+        # A fresh DataLoader per epoch pass over exactly the remaining micro-batches; it may run ahead by
+        # num_workers * prefetch_factor batches, which is why consumption is counted in __iter__, not here.
+        yield from DataLoader(
+            self.dataset,
+            batch_sampler=micro_batches,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's resumable position (JSON-safe); save it with the checkpoint."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at a saved position; raises ``DataError`` if the data order settings changed."""
+        self.sampler.load_state_dict(state)
+
+
+def pad_id_from_manifest(manifest: Mapping[str, Any], side: str) -> int:
+    """The ``side`` tokenizer's pad id recorded in the manifest, else its EOS id (padding is masked out anyway)."""
+    record = manifest.get(f"{side}_tokenizer") or {}
+    for field in ("pad_token_id", "eos_token_id"):
+        if record.get(field) is not None:
+            return int(record[field])
+    raise DataError(
+        f"manifest.json: neither '{side}_tokenizer.pad_token_id' nor '{side}_tokenizer.eos_token_id' is set; "
+        f"pass {side}_pad_id explicitly"
+    )
+
+
+def build_train_loader(
+    dataset: PrealignedDataset,
+    *,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    seed: int,
+    group_by_length: bool,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+    student_pad_id: int | None = None,
+    teacher_pad_id: int | None = None,
+) -> TrainLoader:
+    """A resumable loader over ``dataset`` for one data-parallel rank.
+
+    Every rank must call this with the same arguments except ``rank``; all ranks then take the same number of
+    micro-batches per epoch (``len(loader)``; see ``ResumableDistributedSampler`` for ``drop_last``). Length
+    grouping sorts by student + teacher token count, since both sides are padded. Pad ids default to the
+    manifest's pad (else EOS) ids.
+    """
+    manifest = dataset.manifest
+    lengths = None
+    if group_by_length:
+        lengths = np.asarray(dataset.lengths) + np.asarray(dataset.teacher_lengths)
+    sampler = ResumableDistributedSampler(
+        len(dataset),
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        lengths=lengths,
+        group_by_length=group_by_length,
+    )
+    collator = Collator(
+        student_pad_id=pad_id_from_manifest(manifest, "student") if student_pad_id is None else student_pad_id,
+        teacher_pad_id=pad_id_from_manifest(manifest, "teacher") if teacher_pad_id is None else teacher_pad_id,
+    )
+    return TrainLoader(dataset, sampler, collator, num_workers=num_workers, pin_memory=pin_memory)
