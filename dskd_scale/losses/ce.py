@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dskd_scale.losses.chunked import HeadFn, chunked_head_loss
+from dskd_scale.losses.divergences import at_least_fp32
 
 __all__ = ["student_ce"]
 
 
 def _ce_chunk(hidden_CD: Tensor, labels_C: Tensor, *, head: HeadFn, ignore_index: int) -> tuple[Tensor]:
     logits_CV = head(hidden_CD)
-    return (F.cross_entropy(logits_CV.float(), labels_C, ignore_index=ignore_index, reduction="sum"),)
+    return (F.cross_entropy(at_least_fp32(logits_CV), labels_C, ignore_index=ignore_index, reduction="sum"),)
 
 
 def student_ce(
@@ -47,4 +48,4 @@ def student_ce(
         return _ce_chunk(hidden_CD, labels_C, head=student_head, ignore_index=ignore_index)
 
     (loss_sum,) = chunked_head_loss(chunk_fn, student_hidden_ND, labels_N.long(), chunk_size=chunk_size)
-    return loss_sum.float(), (labels_N != ignore_index).sum()
+    return loss_sum, (labels_N != ignore_index).sum()

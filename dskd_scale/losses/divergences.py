@@ -41,6 +41,7 @@ __all__ = [
     "DIVERGENCES",
     "DivergenceParams",
     "adaptive_kl",
+    "at_least_fp32",
     "divergence",
     "forward_kl",
     "js",
@@ -85,6 +86,11 @@ class DivergenceParams:
         return found
 
 
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """Upcast bf16/fp16 to fp32; fp32 and fp64 stay as they are (fp64 keeps gradcheck exact)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 class _Sides:
     """Log-probabilities and probabilities of both sides, with masked entries made harmless.
 
@@ -100,10 +106,10 @@ class _Sides:
                 f"student logits {tuple(student_logits_NV.shape)} and target logits "
                 f"{tuple(target_logits_NV.shape)} must have the same shape"
             )
-        compute_dtype = torch.promote_types(student_logits_NV.dtype, torch.float32)
         target_temperature = params.target_temperature or params.temperature
-        student = student_logits_NV.to(compute_dtype) / params.temperature
-        target = target_logits_NV.to(compute_dtype) / target_temperature
+        dtype = torch.promote_types(torch.promote_types(student_logits_NV.dtype, target_logits_NV.dtype), torch.float32)
+        student = student_logits_NV.to(dtype) / params.temperature
+        target = target_logits_NV.to(dtype) / target_temperature
         self.entry_ok = torch.isfinite(student) & torch.isfinite(target)
         self.log_q = _safe_log_softmax(student, self.entry_ok)
         self.log_p = _safe_log_softmax(target, self.entry_ok)

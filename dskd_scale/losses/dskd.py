@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dskd_scale.losses.chunked import HeadFn, eager_input_grad, recomputed_chunk, split_rows
-from dskd_scale.losses.divergences import DivergenceParams, RowDivergence, resolve_divergence
+from dskd_scale.losses.divergences import DivergenceParams, RowDivergence, at_least_fp32, resolve_divergence
 
 __all__ = ["LOSS_TERMS", "DSKDOptions", "dskd_loss", "map_teacher_ids"]
 
@@ -124,7 +124,7 @@ def _t2s_ce_chunk(
             f"teacher_to_student_ids maps to student id {int(mapped_label_C.max())}, but the student head has "
             f"only {logits_CV.shape[-1]} rows"
         )
-    ce_sum = F.cross_entropy(logits_CV.float(), mapped_label_C, ignore_index=-1, reduction="sum")
+    ce_sum = F.cross_entropy(at_least_fp32(logits_CV), mapped_label_C, ignore_index=-1, reduction="sum")
     return ce_sum, logits_CV.argmax(-1), logits_CV.detach()
 
 
@@ -153,7 +153,7 @@ def _student_chunk(
         kd_sum = torch.where(kd_mask_C, rows_C, 0.0).sum()
     ce_sum = zero
     if labels_C is not None:
-        ce_sum = F.cross_entropy(logits_CV.float(), labels_C, ignore_index=ignore_index, reduction="sum")
+        ce_sum = F.cross_entropy(at_least_fp32(logits_CV), labels_C, ignore_index=ignore_index, reduction="sum")
     return kd_sum, ce_sum, (logits_CV.argmax(-1) == mapped_label_C).sum()
 
 
