@@ -1,0 +1,275 @@
+"""One instruction example -> one prealigned row (Contract 1), with the truncation policy.
+
+Each tokenizer encodes ``prompt + response`` jointly (with its own BOS, if it adds one) and gets its EOS
+appended. A token is a *response token* only if its whole character span lies inside the response; a token
+straddling the prompt/response boundary (e.g. a merged ``":\\n"`` piece) counts as prompt: label −100, never
+aligned, counted in ``boundary_straddles_<side>``. Aligned pairs come from exact token alignment over the
+response tokens (identical character spans), plus EOS↔EOS; pairs touching position 0 are dropped because no
+position predicts them.
+
+Truncation policy (``TRUNCATION_POLICY``), applied when either side exceeds ``max_length`` tokens:
+1. cut the prompt from the left at the first character position that starts a token on *both* sides (or at
+   the response start) such that both sides fit, so teacher and student always see the same text;
+2. if the response alone does not fit, drop the prompt and cut the response from the right at a position
+   that ends a token on both sides; such a row gets no EOS (the answer did not end there).
+Both cases are counted (``prompt_truncated``, ``response_truncated``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dskd_scale.alignment import TokenSpans, encode_batch_with_spans, encode_with_spans, exact_token_alignment
+from dskd_scale.data.format import IGNORE_INDEX
+
+TRUNCATION_POLICY = (
+    "prompt cut from the left at a character position starting a token on both sides; if the response alone is "
+    "too long, the prompt is dropped and the response cut from the right at a position ending a token on both "
+    "sides, without EOS; tokens straddling the prompt/response boundary count as prompt"
+)
+_MAX_CUT_ATTEMPTS = 8
+
+
+@dataclass
+class SideEncoding:
+    """One tokenizer's view of a (possibly truncated) example.
+
+    ``ids [L]`` the final input ids (EOS included unless the response was cut); ``starts/ends [L]`` character
+    offsets into ``text`` (EOS gets ``[len(text), len(text))``); ``response [L]`` bool, response tokens and EOS;
+    ``alignable [L]`` bool, tokens standing alone for whole characters (``TokenSpans.alignable``).
+    """
+
+    ids: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    response: np.ndarray
+    alignable: np.ndarray
+    straddles: int
+
+
+@dataclass
+class RowResult:
+    """A finished row plus what the statistics and the report need."""
+
+    columns: dict[str, np.ndarray]
+    text: str
+    boundary: int
+    student: SideEncoding
+    teacher: SideEncoding
+    aligned_pairs: int
+    optimum_pairs: int
+    prompt_truncated: bool
+    response_truncated: bool
+
+
+def _content_mask(spans: TokenSpans) -> np.ndarray:
+    """Tokens that stand for text (special tokens such as BOS, and a dummy prefix, have an empty span)."""
+    return np.asarray(spans.ends) > np.asarray(spans.starts)
+
+
+class RowBuilder:
+    """Builds rows for one teacher/student tokenizer pair (create once per worker process)."""
+
+    def __init__(self, teacher_tokenizer: Any, student_tokenizer: Any, max_length: int) -> None:
+        if max_length < 4:
+            raise ValueError(f"max_length must be >= 4, got {max_length}")
+        self.teacher_tokenizer = teacher_tokenizer
+        self.student_tokenizer = student_tokenizer
+        self.max_length = max_length
+        self._special_ids = {
+            id(tokenizer): np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
+            for tokenizer in (teacher_tokenizer, student_tokenizer)
+        }
+
+    def _encode(self, text: str) -> tuple[TokenSpans, TokenSpans]:
+        return encode_with_spans(self.teacher_tokenizer, text), encode_with_spans(self.student_tokenizer, text)
+
+    def _both_fit(self, pair: tuple[TokenSpans, TokenSpans], with_eos: bool) -> bool:
+        pairs = zip(pair, self._tokenizers, strict=True)
+        return all(self._fits(spans, tokenizer, with_eos) for spans, tokenizer in pairs)
+
+    @property
+    def _tokenizers(self) -> tuple[Any, Any]:
+        return self.teacher_tokenizer, self.student_tokenizer
+
+    def _fits(self, spans: TokenSpans, tokenizer: Any, with_eos: bool) -> bool:
+        appended = int(with_eos and not self._has_final_eos(spans, tokenizer))
+        return len(spans.ids) + appended <= self.max_length
+
+    @staticmethod
+    def _has_final_eos(spans: TokenSpans, tokenizer: Any) -> bool:
+        ids = np.asarray(spans.ids)
+        return bool(ids.size and ids[-1] == tokenizer.eos_token_id and spans.ends[-1] == spans.starts[-1])
+
+    def _prompt_cut_candidates(self, pair: tuple[TokenSpans, TokenSpans], boundary: int) -> np.ndarray:
+        """Character positions in [lowest useful cut, boundary] that start a token on both sides."""
+        lowest = 0
+        common = None
+        for spans, tokenizer in zip(pair, self._tokenizers, strict=True):
+            content = _content_mask(spans)
+            starts = np.sort(np.asarray(spans.starts)[content])
+            specials = len(spans.ids) - int(content.sum()) + int(not self._has_final_eos(spans, tokenizer))
+            budget = self.max_length - specials
+            unique_starts = np.unique(starts)
+            kept_after_cut = starts.size - np.searchsorted(starts, unique_starts, side="left")
+            fitting = unique_starts[kept_after_cut <= budget]
+            lowest = max(lowest, int(fitting[0]) if fitting.size else boundary)
+            common = unique_starts if common is None else np.intersect1d(common, unique_starts, assume_unique=True)
+        candidates = common[(common >= lowest) & (common < boundary)]
+        return np.append(candidates, boundary).astype(np.int64)
+
+    def _response_cut_candidates(self, pair: tuple[TokenSpans, TokenSpans]) -> np.ndarray:
+        """Character positions ending a token on both sides, largest first, where both sides fit without EOS."""
+        highest = None
+        common = None
+        for spans in pair:
+            content = _content_mask(spans)
+            ends = np.sort(np.asarray(spans.ends)[content])
+            budget = self.max_length - (len(spans.ids) - int(content.sum()))
+            unique_ends = np.unique(ends)
+            kept_before_cut = np.searchsorted(ends, unique_ends, side="right")
+            fitting = unique_ends[kept_before_cut <= budget]
+            limit = int(fitting[-1]) if fitting.size else 0
+            highest = limit if highest is None else min(highest, limit)
+            common = unique_ends if common is None else np.intersect1d(common, unique_ends, assume_unique=True)
+        candidates = common[(common > 0) & (common <= highest)]
+        return candidates[::-1]
+
+    def _truncate(self, prompt: str, response: str, pair: tuple[TokenSpans, TokenSpans]):
+        """Apply the truncation policy; returns (prompt, response, pair, prompt_truncated, response_truncated)."""
+        boundary = len(prompt)
+        candidates = self._prompt_cut_candidates(pair, boundary)
+        # The last candidate is always the response start; try a few common token starts before it.
+        for cut in [*candidates[:-1][: _MAX_CUT_ATTEMPTS - 1], boundary]:
+            cut_pair = pair if cut == 0 else self._encode(prompt[cut:] + response)
+            if self._both_fit(cut_pair, with_eos=True):
+                return prompt[cut:], response, cut_pair, cut > 0, False
+        response_pair = cut_pair  # the encoding of the response alone (last cut tried is the boundary)
+        for attempt, end in enumerate(self._response_cut_candidates(response_pair)):
+            cut_pair = self._encode(response[:end])
+            if self._both_fit(cut_pair, with_eos=False):
+                return "", response[:end], cut_pair, bool(prompt), True
+            if attempt >= _MAX_CUT_ATTEMPTS:
+                break
+        raise ValueError(f"cannot fit the response into max_length={self.max_length} tokens on both sides")
+
+    def _side(self, spans: TokenSpans, tokenizer: Any, boundary: int, text_length: int, with_eos: bool) -> SideEncoding:
+        ids = np.asarray(spans.ids, dtype=np.int64)
+        starts = np.asarray(spans.starts, dtype=np.int64)
+        ends = np.asarray(spans.ends, dtype=np.int64)
+        alignable = np.asarray(spans.alignable, dtype=bool)
+        special = np.isin(ids, self._special_ids[id(tokenizer)])
+        response = ~special & (starts >= boundary)
+        straddles = int(np.count_nonzero(~special & (starts < boundary) & (ends > boundary)))
+        if with_eos:
+            if self._has_final_eos(spans, tokenizer):
+                response[-1] = True
+            else:
+                ids = np.append(ids, tokenizer.eos_token_id)
+                starts = np.append(starts, text_length)
+                ends = np.append(ends, text_length)
+                response = np.append(response, True)
+                alignable = np.append(alignable, False)
+        return SideEncoding(ids, starts, ends, response, alignable, straddles)
+
+    def build_many(self, examples: list[tuple[str, str]]) -> list[RowResult]:
+        """``build`` over (prompt, response) pairs, tokenising each side in one batch call."""
+        texts = [prompt + response for prompt, response in examples]
+        teacher = encode_batch_with_spans(self.teacher_tokenizer, texts)
+        student = encode_batch_with_spans(self.student_tokenizer, texts)
+        return [self.build(prompt, response, pair=(t, s))
+                for (prompt, response), t, s in zip(examples, teacher, student, strict=True)]
+
+    def build(self, prompt: str, response: str, *, pair: tuple[TokenSpans, TokenSpans] | None = None) -> RowResult:
+        """Tokenise, truncate and align one example (see the module docstring for the policy).
+
+        Args:
+            prompt, response: the example's texts; the model sees ``prompt + response``.
+            pair: (teacher, student) ``encode_with_spans`` of ``prompt + response`` when already computed.
+
+        Raises:
+            ValueError: the response cannot be made to fit ``max_length`` (only with absurdly small limits).
+        """
+        pair = pair or self._encode(prompt + response)
+        prompt_truncated = response_truncated = False
+        if not self._both_fit(pair, with_eos=True):
+            prompt, response, pair, prompt_truncated, response_truncated = self._truncate(prompt, response, pair)
+        text = prompt + response
+        boundary = len(prompt)
+        with_eos = not response_truncated
+        teacher = self._side(pair[0], self.teacher_tokenizer, boundary, len(text), with_eos)
+        student = self._side(pair[1], self.student_tokenizer, boundary, len(text), with_eos)
+
+        # Align only the response tokens: prompt tokens are never pairs, and it saves work on long prompts.
+        student_positions = np.flatnonzero(student.response[: len(pair[1].ids)])
+        teacher_positions = np.flatnonzero(teacher.response[: len(pair[0].ids)])
+        idx_student, idx_teacher = exact_token_alignment(
+            _subset(pair[1], student_positions), _subset(pair[0], teacher_positions)
+        )
+        align_student = student_positions[np.asarray(idx_student, dtype=np.int64)]
+        align_teacher = teacher_positions[np.asarray(idx_teacher, dtype=np.int64)]
+        if with_eos:
+            align_student = np.append(align_student, student.ids.size - 1)
+            align_teacher = np.append(align_teacher, teacher.ids.size - 1)
+        predictable = (align_student >= 1) & (align_teacher >= 1)
+        align_student, align_teacher = align_student[predictable], align_teacher[predictable]
+
+        columns = {
+            "student_input_ids": student.ids.astype(np.int32),
+            "teacher_input_ids": teacher.ids.astype(np.int32),
+            "student_labels": np.where(student.response, student.ids, IGNORE_INDEX).astype(np.int32),
+            "teacher_labels": np.where(teacher.response, teacher.ids, IGNORE_INDEX).astype(np.int32),
+            "align_student": align_student.astype(np.int32),
+            "align_teacher": align_teacher.astype(np.int32),
+        }
+        return RowResult(
+            columns=columns,
+            text=text,
+            boundary=boundary,
+            student=student,
+            teacher=teacher,
+            aligned_pairs=int(align_student.size),
+            optimum_pairs=_exact_span_optimum(student, teacher, identical=_identical(pair)),
+            prompt_truncated=prompt_truncated,
+            response_truncated=response_truncated,
+        )
+
+
+def _subset(spans: TokenSpans, positions: np.ndarray) -> TokenSpans:
+    """The tokens of ``spans`` at ``positions``, as a TokenSpans over the same text."""
+    return dataclasses.replace(
+        spans,
+        ids=np.asarray(spans.ids)[positions],
+        starts=np.asarray(spans.starts)[positions],
+        ends=np.asarray(spans.ends)[positions],
+        alignable=np.asarray(spans.alignable)[positions],
+    )
+
+
+def _identical(pair: tuple[TokenSpans, TokenSpans]) -> bool:
+    return pair[0].fingerprint == pair[1].fingerprint and np.array_equal(pair[0].ids, pair[1].ids)
+
+
+def _exact_span_optimum(student: SideEncoding, teacher: SideEncoding, *, identical: bool) -> int:
+    """Upper bound for any exact alignment: alignable response tokens (position >= 1) whose character span
+    equals an alignable teacher response token's span, plus the EOS pair. With identical tokenizers every
+    response token covering text pairs with itself (pieces of one multi-byte character included)."""
+    if identical:
+        usable = student.response & (student.ends > student.starts) & (np.arange(student.ids.size) >= 1)
+        return int(usable.sum()) + int(student.ids.size >= 2 and student.response[-1] and
+                                       student.ends[-1] == student.starts[-1])
+    stride = int(max(student.ends.max(initial=0), teacher.ends.max(initial=0))) + 1
+    keys = []
+    for side in (student, teacher):
+        usable = side.response & side.alignable & (np.arange(side.ids.size) >= 1)
+        keys.append((side.starts * stride + side.ends)[usable])
+    shared = np.intersect1d(keys[0], keys[1])
+    eos_pair = int(
+        student.ids.size >= 2 and teacher.ids.size >= 2 and student.response[-1] and teacher.response[-1]
+        and student.ends[-1] == student.starts[-1] and teacher.ends[-1] == teacher.starts[-1]
+    )
+    return int(shared.size) + eos_pair

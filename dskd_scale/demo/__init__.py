@@ -1,0 +1,34 @@
+"""Demo assets generated on the spot: a learnable instruction dataset and two different tokenizers.
+
+``build_demo_assets(out_dir)`` writes ``train/valid/test.jsonl`` plus ``teacher_tokenizer/`` (byte-level BPE)
+and ``student_tokenizer/`` (unigram with byte fallback), so ``make demo`` runs the cross-tokenizer path with
+no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dskd_scale.demo.data import TASKS, make_demo_data
+from dskd_scale.demo.tokenizers import train_student_tokenizer, train_teacher_tokenizer
+
+__all__ = ["TASKS", "build_demo_assets", "make_demo_data", "train_student_tokenizer", "train_teacher_tokenizer"]
+
+
+def build_demo_assets(out_dir: str | Path, *, seed: int = 1234, train: int = 3000, valid: int = 200,
+                      test: int = 200) -> dict[str, Path]:
+    """Write the demo data and both tokenizers under ``out_dir``.
+
+    Returns:
+        Paths keyed ``train``, ``valid``, ``test`` (jsonl files), ``teacher_tokenizer`` and
+        ``student_tokenizer`` (folders). Tokenizers are trained on the prompts and outputs of the train split.
+    """
+    out_dir = Path(out_dir)
+    paths = make_demo_data(out_dir, seed=seed, train=train, valid=valid, test=test)
+    with open(paths["train"], encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    corpus = [row["prompt"] + row["output"] for row in rows]
+    paths["teacher_tokenizer"] = train_teacher_tokenizer(corpus, out_dir / "teacher_tokenizer")
+    paths["student_tokenizer"] = train_student_tokenizer(corpus, out_dir / "student_tokenizer")
+    return paths

@@ -1,0 +1,136 @@
+"""A generated, learnable instruction dataset for the demo (no downloads).
+
+Every example is a templated task with one correct answer, so tiny models trained for a couple of CPU
+minutes can learn it and exact match / ROUGE-L separate SFT from distillation:
+
+- ``fact``: questions about a fixed table of invented countries (capital, language, flag colour);
+- ``reverse``: reverse the order of a few words;
+- ``arithmetic``: small additions and subtractions;
+- ``list``: turn comma-separated items (the ``input``) into a bulleted list (newlines in the answer);
+- ``upper``: upper-case a short phrase (the ``input``).
+
+Some invented names carry accents, so the data also exercises the cross-tokenizer hard cases (newlines,
+non-ASCII characters). Rows follow Dolly's layout: ``instruction``, ``input``, ``prompt`` (the Alpaca-style
+template Dolly uses) and ``output``. The same seed always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}"
+    "\n\n### Response:\n"
+)
+TASKS = ("fact", "reverse", "arithmetic", "list", "upper")
+_SYLLABLES = ("ka", "lo", "ri", "ven", "ta", "mor", "si", "dal", "ne", "bru", "zé", "fa", "quo", "lin", "ä", "por")
+_LANGUAGES = ("Velish", "Tarnic", "Oskan", "Miradi", "Quelon", "Brasque")
+_COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
+_WORDS = ("apple", "river", "stone", "cloud", "green", "quick", "house", "light", "music", "ocean", "paper",
+          "tiger", "bread", "chair", "dream", "field", "glass", "honey", "lemon", "night")
+_FACT_QUESTIONS = {
+    "capital": ("What is the capital of {country}?", "Name the capital city of {country}."),
+    "language": ("Which language is spoken in {country}?", "What do people speak in {country}?"),
+    "flag": ("What color is the flag of {country}?", "Describe the color of the flag of {country}."),
+}
+_FACT_ANSWERS = {
+    "capital": "The capital of {country} is {capital}.",
+    "language": "People in {country} speak {language}.",
+    "flag": "The flag of {country} is {flag}.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Country:
+    name: str
+    capital: str
+    language: str
+    flag: str
+
+
+def _invented_name(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
+
+
+def make_fact_table(rng: random.Random, count: int) -> list[Country]:
+    """``count`` invented countries with distinct names and capitals."""
+    table: list[Country] = []
+    used: set[str] = set()
+    while len(table) < count:
+        name, capital = _invented_name(rng, 3), _invented_name(rng, 2)
+        if name in used or capital in used:
+            continue
+        used.update((name, capital))
+        table.append(Country(name, capital, rng.choice(_LANGUAGES), rng.choice(_COLOURS)))
+    return table
+
+
+def _example(task: str, rng: random.Random, table: list[Country]) -> tuple[str, str, str]:
+    """(instruction, input, output) of one task instance."""
+    if task == "fact":
+        country = rng.choice(table)
+        attribute = rng.choice(tuple(_FACT_QUESTIONS))
+        fields = {"country": country.name, "capital": country.capital, "language": country.language,
+                  "flag": country.flag}
+        return rng.choice(_FACT_QUESTIONS[attribute]).format(**fields), "", _FACT_ANSWERS[attribute].format(**fields)
+    if task == "reverse":
+        words = rng.sample(_WORDS, rng.randint(3, 5))
+        return f"Reverse the order of these words: {' '.join(words)}", "", " ".join(reversed(words))
+    if task == "arithmetic":
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        if rng.random() < 0.5:
+            return f"What is {a} + {b}?", "", f"{a} + {b} = {a + b}"
+        a, b = max(a, b), min(a, b)
+        return f"What is {a} - {b}?", "", f"{a} - {b} = {a - b}"
+    if task == "list":
+        items = rng.sample(_WORDS, rng.randint(2, 4))
+        return "Write the items of the input as a bulleted list.", ", ".join(items), "\n".join(f"- {i}" for i in items)
+    if task == "upper":
+        phrase = " ".join(rng.sample(_WORDS, rng.randint(2, 3)))
+        return "Convert the input to upper case.", phrase, phrase.upper()
+    raise ValueError(f"unknown demo task {task!r}; known: {TASKS}")
+
+
+def make_split(rng: random.Random, table: list[Country], size: int) -> list[dict[str, str]]:
+    """``size`` rows in Dolly's layout, tasks drawn uniformly."""
+    rows = []
+    for _ in range(size):
+        task = rng.choice(TASKS)
+        instruction, task_input, output = _example(task, rng, table)
+        template = PROMPT_WITH_INPUT if task_input else PROMPT_NO_INPUT
+        prompt = template.format(instruction=instruction, input=task_input)
+        rows.append({"task": task, "instruction": instruction, "input": task_input, "prompt": prompt,
+                     "output": output})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def make_demo_data(out_dir: str | Path, *, seed: int = 1234, train: int = 3000, valid: int = 200, test: int = 200,
+                   countries: int = 24) -> dict[str, Path]:
+    """Write ``train.jsonl``, ``valid.jsonl`` and ``test.jsonl`` under ``out_dir``; returns their paths.
+
+    The fact table is shared by all splits (facts are learned in train, asked again in valid/test); the other
+    tasks are drawn afresh per split. Deterministic for a given seed and sizes.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    table = make_fact_table(rng, countries)
+    paths = {}
+    for split, size in (("train", train), ("valid", valid), ("test", test)):
+        paths[split] = out_dir / f"{split}.jsonl"
+        write_jsonl(paths[split], make_split(random.Random(f"{seed}-{split}"), table, size))
+    return paths
