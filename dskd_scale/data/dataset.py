@@ -9,14 +9,18 @@
    length with strictly increasing positions in ``[1, row length)``, and the manifest's row counts.
 A failure raises ``DataError`` naming the file (and ``file:row`` / manifest field) at fault.
 
-Storage: the Parquet shards are decoded once per process into Arrow record batches; each list column of a batch
-is used in place as one flat int32 value array plus row offsets (no copy), so ``ds[i]`` is a few slices and
-memory is about 4 bytes per stored token per column.
+Storage: each list column of each Arrow record batch is used in place as one flat int32 value array plus row
+offsets (no copy), so ``ds[i]`` is a few slices. By default the Parquet shards are decoded into memory in every
+process (about 4 bytes per token per column, per rank). With ``cache_dir`` they are decoded once into Arrow IPC
+files named by the shard's verified sha256 and memory-mapped, so the ranks of a node share one copy; a cache file
+is trusted by its name (written atomically) and still passes the row checks below on every open.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +104,7 @@ class PrealignedDataset:
         expected_teacher_fingerprint: str | None,
         expected_student_fingerprint: str | None,
         validate_rows: bool = True,
+        cache_dir: str | Path | None = None,
     ) -> PrealignedDataset:
         """Open and verify a ``tools/prealign.py`` output folder (see the module docstring for the checks).
 
@@ -108,6 +113,10 @@ class PrealignedDataset:
             expected_teacher_fingerprint, expected_student_fingerprint: ``format.tokenizer_fingerprint`` of the
                 configured tokenizers; ``None`` skips that check (only for tools that have no tokenizer).
             validate_rows: run the per-row structural checks (O(tokens), vectorised).
+            cache_dir: if set, each shard is decoded once into ``cache_dir/<shard sha256>.arrow`` (Arrow IPC,
+                written atomically) and memory-mapped from there, so all ranks on a node share one copy in the
+                page cache instead of each holding a decoded copy. Use node-local disk; safe to share between
+                concurrent processes and runs (the name is the verified content hash).
 
         Raises:
             DataError: naming the file, row or manifest field at fault.
@@ -128,7 +137,7 @@ class PrealignedDataset:
         pieces: list[_Piece] = []
         for entry in manifest["shards"]:
             shard_path = folder / entry["file"]
-            shard_pieces = _read_shard(shard_path)
+            shard_pieces = _read_shard(shard_path, entry["sha256"], None if cache_dir is None else Path(cache_dir))
             rows = sum(piece.example_index.size for piece in shard_pieces)
             if rows != int(entry["rows"]):
                 raise DataError(f"{shard_path}: has {rows} rows but manifest.json shards[].rows says {entry['rows']}")
@@ -279,12 +288,12 @@ def _row_of(column: _FlatColumn, flat_position: int) -> int:
 # ---- shard reading --------------------------------------------------------------------------------------------
 
 
-def _read_shard(shard_path: Path) -> list[_Piece]:
+def _read_shard(shard_path: Path, sha256: str, cache_dir: Path | None) -> list[_Piece]:
     """One shard as zero-copy record-batch pieces (rows in file order)."""
-    try:
-        table = pq.read_table(shard_path, memory_map=True)
-    except (OSError, pa.ArrowException) as err:
-        raise DataError(f"{shard_path}: cannot be read as Parquet: {err}") from err
+    if cache_dir is None:
+        table = _parquet_table(shard_path)
+    else:
+        table = _cached_table(shard_path, cache_dir / f"{sha256}.arrow")
     missing = [name for name in (*LIST_COLUMNS, "example_index") if name not in table.column_names]
     if missing:
         raise DataError(f"{shard_path}: missing column(s) {missing} (has {table.column_names})")
@@ -306,6 +315,33 @@ def _read_shard(shard_path: Path) -> list[_Piece]:
         for batch in table.to_batches()
         if batch.num_rows
     ]
+
+
+def _parquet_table(shard_path: Path) -> pa.Table:
+    try:
+        return pq.read_table(shard_path, memory_map=True)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{shard_path}: cannot be read as Parquet: {err}") from err
+
+
+def _cached_table(shard_path: Path, cached: Path) -> pa.Table:
+    """The shard decoded into an Arrow IPC file at ``cached`` (made on first use), memory-mapped."""
+    if not cached.is_file():
+        table = _parquet_table(shard_path)
+        # Write-then-rename: concurrent ranks may both decode, but a reader only ever sees a complete file.
+        temporary = cached.with_name(f".{cached.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            os.replace(temporary, cached)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            raise DataError(f"cannot write the decoded-shard cache {cached} (cache_dir): {err}") from err
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(cached))).read_all()
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{cached}: unreadable decoded-shard cache file ({err}); delete it to rebuild") from err
 
 
 def _flat(shard_path: Path, name: str, array: pa.ListArray) -> _FlatColumn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from dskd_scale.data import DataError, PrealignedDataset
@@ -136,3 +137,23 @@ def test_split_holdout_is_deterministic_disjoint_and_complete(prealigned_dir, op
     for bad in (0.0, 1.0, 0, 100, "10%"):
         with pytest.raises(DataError, match="holdout"):
             ds.split_holdout(bad, seed=0)
+
+
+def test_cache_dir_memory_maps_decoded_shards_shared_by_content_hash(prealigned_dir, synthetic_rows, open_kw, tmp_path):
+    rows = synthetic_rows(300, max_len=200)
+    folder = prealigned_dir(rows, rows_per_shard=100)
+    cache = tmp_path / "decoded"
+    before = pa.total_allocated_bytes()
+    in_memory = PrealignedDataset.open(folder, **open_kw)
+    decoded_bytes = pa.total_allocated_bytes() - before
+    first = PrealignedDataset.open(folder, cache_dir=cache, **open_kw)  # decodes and writes the cache
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{s['sha256']}.arrow" for s in manifest["shards"])
+    before = pa.total_allocated_bytes()
+    mapped = PrealignedDataset.open(folder, cache_dir=cache, **open_kw)
+    # Mapped columns live in the page cache, not in this process's Arrow heap (the decoded copy does).
+    assert decoded_bytes > 100_000 and pa.total_allocated_bytes() - before < decoded_bytes / 20
+    for i in (0, 99, 100, 299):
+        for name in COLUMNS:
+            np.testing.assert_array_equal(mapped[i][name], in_memory[i][name])
+            np.testing.assert_array_equal(first[i][name], rows[i][name])
