@@ -62,6 +62,7 @@ def _evaluate(
     keys = [example.index for example in examples]
     runs: dict[str, dict[str, float]] = {}
     stats: Counter = Counter()
+    rank_counts = [0] * context.world_size
     for label, seed in _runs(seeds, sampling):
         generations = generate_shard(
             model, tokenizer, prompts, keys, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens,
@@ -75,7 +76,7 @@ def _evaluate(
                 "position": p, "index": examples[p].index, "source": examples[p].source, "prompt": prompts[p],
                 "generation": generations[p].text, "reference": examples[p].reference, **score,
                 "finish": generations[p].finish, "new_tokens": generations[p].new_tokens,
-                "prompt_truncated": generations[p].prompt_truncated,
+                "prompt_truncated": generations[p].prompt_truncated, "rank": context.rank,
             }
             for p, score in zip(positions, scores, strict=True)
         ]  # fmt: skip
@@ -86,6 +87,8 @@ def _evaluate(
         stats["truncated_prompts"] += sum(r["prompt_truncated"] for r in records)
         stats["new_tokens"] += sum(r["new_tokens"] for r in records)
         stats.update(f"execution_{r['execution']}" for r in records if "execution" in r)
+        for rank, count in Counter(r["rank"] for r in records).items():
+            rank_counts[rank] += count
         if records_dir is not None and context.is_main:
             _write_records(Path(records_dir) / f"{name}.{label}.jsonl", records)
     metrics: dict[str, float] = {}
@@ -96,6 +99,7 @@ def _evaluate(
     total = len(examples) * len(runs)
     generation = {key: stats[key] for key in sorted(stats) if key != "new_tokens"}
     generation["mean_new_tokens"] = stats["new_tokens"] / total
+    generation["examples_per_rank"] = rank_counts  # generations made by each rank, over all runs
     decoding = {**dataclasses.asdict(sampling), "seeds": [int(label) for label in runs if label != "greedy"],
                 "max_new_tokens": max_new_tokens, "max_prompt_tokens": budget, "stop_strings": list(stop_strings)}
     return {"kind": kind, "metrics": metrics, "runs": runs, "num_examples": len(examples), "decoding": decoding,
@@ -107,7 +111,8 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         for record in records:
-            handle.write(json.dumps({k: v for k, v in record.items() if k != "position"}, ensure_ascii=False) + "\n")
+            traced = {k: v for k, v in record.items() if k not in ("position", "rank")}
+            handle.write(json.dumps(traced, ensure_ascii=False) + "\n")
     tmp.replace(path)
 
 
