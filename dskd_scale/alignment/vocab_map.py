@@ -9,6 +9,7 @@ get the identity. Special tokens pair by role (eos, bos, pad), then by identical
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,13 +45,20 @@ class VocabMap:
         }
 
 
+_GROUPS: weakref.WeakKeyDictionary[TokenTable, dict[bytes, list[int]]] = weakref.WeakKeyDictionary()
+
+
 def _ids_by_bytes(table: TokenTable) -> dict[bytes, list[int]]:
-    """bytes -> ids standing for them, ordinary pieces before byte-fallback tokens, then by id."""
+    """bytes -> ids standing for them, ordinary pieces before byte-fallback tokens, then by id (cached)."""
+    cached = _GROUPS.get(table)
+    if cached is not None:
+        return cached
     has_bytes = np.flatnonzero(table.byte_lengths >= 0)
     order = has_bytes[np.lexsort((has_bytes, table.byte_fallback[has_bytes]))]
     groups: dict[bytes, list[int]] = {}
     for token_id in order.tolist():  # once per vocabulary, not on a per-text path
         groups.setdefault(table.token_bytes[token_id], []).append(token_id)
+    _GROUPS[table] = groups
     return groups
 
 
