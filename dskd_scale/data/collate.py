@@ -45,6 +45,10 @@ class Collator:
     id, mask 0, label -100), ``align_batch/align_student/align_teacher [A]`` (row in the batch and positions into
     that row's input ids, unchanged from the shard), ``example_index [B]``, ``num_examples`` (0-dim tensor).
 
+    An example carrying ``is_repeat=True`` (a slot that only fills the last step of an epoch, see
+    ``ResumableDistributedSampler``) is kept in the batch, so every rank runs the same shapes of work, but
+    contributes nothing: its labels are all -100 and its alignment pairs are dropped.
+
     Args:
         student_pad_id, teacher_pad_id: token id written into padding positions of each side's input ids. Padding
             is masked out, so any valid id works; the tokenizer's pad (or EOS) id keeps logs readable.
@@ -63,6 +67,7 @@ class Collator:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         batch: dict[str, np.ndarray] = {}
+        is_repeat_B = np.fromiter((bool(ex.get("is_repeat", False)) for ex in examples), bool, len(examples))
         for side, pad_id in (("student", self.student_pad_id), ("teacher", self.teacher_pad_id)):
             ids_BL, lengths_B = pad_right([ex[f"{side}_input_ids"] for ex in examples], pad_id)
             labels_BL, label_lengths_B = pad_right([ex[f"{side}_labels"] for ex in examples], IGNORE_INDEX)
@@ -74,15 +79,18 @@ class Collator:
                 )
             batch[f"{side}_input_ids"] = ids_BL
             batch[f"{side}_attention_mask"] = (np.arange(ids_BL.shape[1]) < lengths_B[:, None]).astype(np.int64)
+            labels_BL[is_repeat_B] = IGNORE_INDEX
             batch[f"{side}_labels"] = labels_BL
 
         align_lengths_B = np.fromiter((len(ex["align_student"]) for ex in examples), np.int64, len(examples))
-        batch["align_batch"] = np.repeat(np.arange(len(examples), dtype=np.int64), align_lengths_B)
+        align_batch_A = np.repeat(np.arange(len(examples), dtype=np.int64), align_lengths_B)
+        keep_A = ~is_repeat_B[align_batch_A]
+        batch["align_batch"] = align_batch_A[keep_A]
         for side in ("student", "teacher"):
             positions_A = np.concatenate([ex[f"align_{side}"] for ex in examples]).astype(np.int64, copy=False)
-            if positions_A.shape != batch["align_batch"].shape:
+            if positions_A.shape != align_batch_A.shape:
                 raise ValueError(f"align_student and align_{side} differ in length in this batch")
-            batch[f"align_{side}"] = positions_A
+            batch[f"align_{side}"] = positions_A[keep_A]
         batch["example_index"] = np.fromiter((int(ex["example_index"]) for ex in examples), np.int64, len(examples))
         out = {key: torch.from_numpy(value) for key, value in batch.items()}
         out["num_examples"] = torch.tensor(len(examples), dtype=torch.int64)

@@ -74,22 +74,27 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.sampler.remaining_micro_batches == 0:
             self.sampler.set_epoch(self.sampler.epoch + 1)
-        for batch in self._batches(list(self.sampler)):
+        start, epoch = self.sampler.consumed_micro_batches, self.sampler.epoch
+        indices = self.sampler.rank_micro_batches(epoch)[start:].tolist()
+        repeats = self.sampler.rank_repeat_mask(epoch)[start:].tolist()
+        micro_batches = [list(zip(i, r, strict=True)) for i, r in zip(indices, repeats, strict=True)]
+        for batch in self._batches(micro_batches):
             # Counted before the hand-over: once the caller holds the batch, a checkpoint must not replay it.
             self.sampler.advance(1)
             yield batch
         self.sampler.set_epoch(self.sampler.epoch + 1)
 
-    def _batches(self, micro_batches: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self, micro_batches: list[list[tuple[int, bool]]]) -> Iterator[dict[str, torch.Tensor]]:
+        examples = _RepeatMarkingView(self.dataset)
         if self.num_workers == 0:
-            for indices in micro_batches:
-                batch = self.collator([self.dataset[i] for i in indices])
+            for keys in micro_batches:
+                batch = self.collator([examples[key] for key in keys])
                 yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
             return
         # A fresh DataLoader per epoch pass over exactly the remaining micro-batches; it may run ahead by
         # num_workers * prefetch_factor batches, which is why consumption is counted in __iter__, not here.
         yield from DataLoader(
-            self.dataset,
+            examples,
             batch_sampler=micro_batches,
             collate_fn=self.collator,
             num_workers=self.num_workers,
@@ -104,6 +109,17 @@ class TrainLoader:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at a saved position; raises ``DataError`` if the data order settings changed."""
         self.sampler.load_state_dict(state)
+
+
+class _RepeatMarkingView:
+    """``view[(index, is_repeat)]`` -> ``dataset[index]`` with the sampler's repeat flag added for the collator."""
+
+    def __init__(self, dataset: PrealignedDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict[str, Any]:
+        index, is_repeat = key
+        return {**self.dataset[index], "is_repeat": is_repeat}
 
 
 def pad_id_from_manifest(manifest: Mapping[str, Any], side: str) -> int:

@@ -13,8 +13,10 @@ consumption with ``advance()`` when a batch is handed to the training step, so p
 End of epoch (``drop_last``):
 - ``drop_last=True`` (default): the ``num_samples % G`` samples left over after the last full step are skipped
   for this epoch; which ones changes every epoch with the permutation.
-- ``drop_last=False``: the permutation is extended cyclically from its start to a multiple of ``G``, so a few
-  samples are seen twice in that epoch (the ``torch.utils.data.DistributedSampler`` convention).
+- ``drop_last=False``: the permutation is extended cyclically from its start to a multiple of ``G`` (the
+  ``torch.utils.data.DistributedSampler`` convention) so that every rank still takes the same number of steps.
+  ``rank_repeat_mask`` marks those repeated slots; ``TrainLoader`` masks them out of every loss (labels -100, no
+  alignment), so each sample counts exactly once per epoch, which keeps evaluation sums unbiased.
 
 Length grouping (``group_by_length``): the permuted samples are cut into windows of ``group_window_steps`` global
 steps, each window is sorted by length (longest first), cut into global steps, and the steps are shuffled. All
@@ -110,39 +112,58 @@ class ResumableDistributedSampler:
         self.epoch = 0
         self.consumed_micro_batches = 0
         self._cached_epoch: int | None = None
-        self._cached_rank_batches: np.ndarray | None = None
+        self._cached_rank_layout: tuple[np.ndarray, np.ndarray] | None = None
 
     # ---- order ---------------------------------------------------------------------------------------------
 
     def global_steps(self, epoch: int) -> np.ndarray:
         """All ranks' samples for ``epoch`` as ``[steps, world_size, micro_batch_size]`` int64 indices."""
+        return self._layout(epoch)[0]
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, is_repeat)``, both ``[steps, world_size, micro_batch_size]``, for ``epoch``."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
         used = self.micro_batches_per_epoch * self.samples_per_step
         # np.resize truncates (drop_last) or repeats cyclically from the start (padding) to exactly `used`.
         order = np.resize(order, used)
+        is_repeat = np.arange(used) >= self.num_samples
         if self.group_by_length:
-            order = self._group_by_length(order, rng)
-        return order.reshape(self.micro_batches_per_epoch, self.world_size, self.micro_batch_size)
+            slots = self._group_by_length(order, rng)
+            order, is_repeat = order[slots], is_repeat[slots]
+        shape = (self.micro_batches_per_epoch, self.world_size, self.micro_batch_size)
+        return order.reshape(shape), is_repeat.reshape(shape)
 
     def _group_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A permutation of the slots of ``order`` that groups similar lengths into global steps."""
         window = self.group_window_steps * self.samples_per_step
         window_id = np.arange(order.size) // window
         # lexsort: last key is primary. Sort by window, then longest first; ties keep the permuted order.
-        order = order[np.lexsort((-self.lengths[order], window_id))]
-        steps = order.reshape(-1, self.samples_per_step)
+        steps = np.lexsort((-self.lengths[order], window_id)).reshape(-1, self.samples_per_step)
         if self.shuffle:
             steps = steps[rng.permutation(steps.shape[0])]
-        longest = int(np.argmax(self.lengths[steps].max(axis=1)))
+        longest = int(np.argmax(self.lengths[order[steps]].max(axis=1)))
         steps[[0, longest]] = steps[[longest, 0]]
         return steps.reshape(-1)
 
+    def _rank_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cached_epoch != epoch:
+            indices, is_repeat = self._layout(epoch)
+            self._cached_rank_layout = (
+                np.ascontiguousarray(indices[:, self.rank]),
+                np.ascontiguousarray(is_repeat[:, self.rank]),
+            )
+            self._cached_epoch = epoch
+        return self._cached_rank_layout
+
     def rank_micro_batches(self, epoch: int) -> np.ndarray:
         """This rank's micro-batches for ``epoch``: ``[micro_batches_per_epoch, micro_batch_size]`` int64."""
-        if self._cached_epoch != epoch:
-            self._cached_rank_batches = np.ascontiguousarray(self.global_steps(epoch)[:, self.rank])
-            self._cached_epoch = epoch
-        return self._cached_rank_batches
+        return self._rank_layout(epoch)[0]
+
+    def rank_repeat_mask(self, epoch: int) -> np.ndarray:
+        """``[micro_batches_per_epoch, micro_batch_size]`` bool, aligned with ``rank_micro_batches``: True where a
+        slot repeats a sample only to fill the last step (``drop_last=False``); always False with ``drop_last``."""
+        return self._rank_layout(epoch)[1]
 
     def __iter__(self) -> Iterator[list[int]]:
         """The remaining micro-batches of the current epoch, from ``consumed_micro_batches`` on (state unchanged)."""

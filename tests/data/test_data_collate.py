@@ -73,3 +73,16 @@ def test_rejects_bad_pad_ids_and_empty_batches():
         Collator(-1, 0)
     with pytest.raises(ValueError, match="empty"):
         Collator(0, 0)([])
+
+
+def test_repeat_rows_keep_their_shape_but_count_nothing(dataset):
+    examples = [dataset[i] for i in (1, 2, 3)]
+    plain = Collator(STUDENT_PAD, TEACHER_PAD)(examples)
+    marked = Collator(STUDENT_PAD, TEACHER_PAD)([examples[0], {**examples[1], "is_repeat": True}, examples[2]])
+    for side in ("student", "teacher"):
+        assert torch.equal(marked[f"{side}_input_ids"], plain[f"{side}_input_ids"])
+        assert (marked[f"{side}_labels"][1] == -100).all() and (plain[f"{side}_labels"][1] != -100).any()
+        assert torch.equal(marked[f"{side}_labels"][[0, 2]], plain[f"{side}_labels"][[0, 2]])
+        keep = plain["align_batch"] != 1
+        assert torch.equal(marked[f"align_{side}"], plain[f"align_{side}"][keep])
+    assert len(examples[1]["align_student"]) > 0 and 1 not in marked["align_batch"].tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from dskd_scale.data import DataError, PrealignedDataset, build_train_loader
 
@@ -99,3 +100,17 @@ def test_length_grouping_reduces_padding(prealigned_dir, synthetic_rows, open_kw
     # Uniform lengths in [4, 120]: random batches of 8 pad ~40%; grouped ones only the teacher/student jitter.
     print(f"padded fraction: grouped {grouped:.3f}, random {random:.3f}")
     assert grouped < 0.1 < random, (grouped, random)
+
+
+def test_unshuffled_full_pass_counts_every_example_once_across_ranks(dataset):
+    """The eval setting (no shuffle, keep the remainder): repeated fill slots carry no labels or alignment."""
+    counted, rows_seen = [], 0
+    for r in range(3):
+        for batch in loader_for(dataset, rank=r, world_size=3, shuffle=False, drop_last=False):
+            live = (batch["student_labels"] != -100).any(1) | (batch["teacher_labels"] != -100).any(1)
+            aligned_rows = set(batch["align_batch"].tolist())
+            assert aligned_rows <= set(torch.nonzero(live).flatten().tolist())
+            counted += batch["example_index"][live].tolist()
+            rows_seen += len(live)
+    assert rows_seen == 96  # ceil(90 / 12) steps x 12: every rank the same number of steps
+    assert sorted(counted) == sorted(int(dataset[i]["example_index"]) for i in range(90))

@@ -143,3 +143,18 @@ def test_length_grouping_gives_similar_lengths_across_ranks_and_longest_step_fir
     assert not (np.all(np.diff(step_max[1:]) <= 0) or np.all(np.diff(step_max[1:]) >= 0))
     flat = [padded_fraction(lengths, make(**kw, rank=r)) for r in range(4)]
     assert max(flat) < 0.05 < padded_fraction(lengths, make(**{**kw, "group_by_length": False}))
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_repeat_mask_marks_exactly_the_fill_slots(group_by_length):
+    n, world_size = 103, 3
+    lengths = np.random.default_rng(3).integers(1, 300, size=n)
+    kw = dict(world_size=world_size, lengths=lengths, group_by_length=group_by_length)
+    assert not make(**kw).rank_repeat_mask(0).any()  # drop_last=True never repeats
+    counted = []
+    for r in range(world_size):
+        sampler = make(rank=r, drop_last=False, **kw)
+        indices, repeats = sampler.rank_micro_batches(0), sampler.rank_repeat_mask(0)
+        assert indices.shape == repeats.shape == (9, 4)
+        counted += indices[~repeats].tolist()
+    assert sorted(counted) == list(range(n))  # each sample counted once; 108 - 103 = 5 slots are repeats
