@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Launch launch/train.py with the `deepspeed` launcher, for machines without SLURM.
+#
+#   One node:              NUM_GPUS=8 launch/run_deepspeed.sh CONFIG.yaml [key=value ...]
+#   N nodes, pdsh/ssh:     HOSTFILE=hosts launch/run_deepspeed.sh CONFIG.yaml [key=value ...]      (on node 0)
+#   N nodes, no ssh:       HOSTFILE=hosts NODE_RANK=<i> MASTER_ADDR=<node0> launch/run_deepspeed.sh CONFIG.yaml ...
+#                          (run it on every node, NODE_RANK 0..N-1, like a static torchrun rendezvous)
+#
+# HOSTFILE lines are `<host> slots=<gpus>`. With pdsh, every node must reach the others by passwordless ssh and
+# see the same paths; environment variables reach them only through ~/.deepspeed_env or ./.deepspeed_env.
+# Environment knobs (optional): PYTHON (interpreter whose bin/ holds `deepspeed`), MASTER_ADDR (default: first
+# host of HOSTFILE), MASTER_PORT (default 29500), SSH_PORT, DS_LAUNCHER (pdsh | openmpi | mpich | mvapich | impi),
+# TRAIN_SCRIPT (default launch/train.py), OMP_NUM_THREADS (default 1 per rank; the launcher does not set it).
+# Hyperparameters belong in CONFIG and its overrides, not here.
+set -euo pipefail
+
+CONFIG=${1:?usage: [HOSTFILE=... NODE_RANK=...] launch/run_deepspeed.sh CONFIG.yaml [key=value ...]}
+shift
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+TRAIN_SCRIPT=${TRAIN_SCRIPT:-$ROOT/launch/train.py}
+MASTER_PORT=${MASTER_PORT:-29500}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+# The launcher must come from the same environment as the ranks (python -m keeps that true).
+launcher=("$PYTHON" -m deepspeed.launcher.runner --master_port "$MASTER_PORT" --no_local_rank)
+
+if [ -z "${HOSTFILE:-}" ]; then
+  [ -z "${NODE_RANK:-}" ] || { echo "run_deepspeed.sh: NODE_RANK needs HOSTFILE" >&2; exit 2; }
+  launcher+=(--num_gpus "${NUM_GPUS:-1}")
+else
+  [ -f "$HOSTFILE" ] || { echo "run_deepspeed.sh: HOSTFILE=$HOSTFILE does not exist" >&2; exit 2; }
+  first_host=$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$HOSTFILE")
+  [ -n "$first_host" ] || { echo "run_deepspeed.sh: HOSTFILE=$HOSTFILE lists no host" >&2; exit 2; }
+  launcher+=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$first_host}")
+  if [ -n "${NODE_RANK:-}" ]; then
+    # No ssh: this process starts only this node's ranks; the hostfile still fixes world size and rank offsets.
+    launcher+=(--no_ssh --node_rank "$NODE_RANK")
+  else
+    launcher+=(--launcher "${DS_LAUNCHER:-pdsh}")
+    [ -z "${SSH_PORT:-}" ] || launcher+=(--ssh_port "$SSH_PORT")
+  fi
+fi
+
+echo "[run_deepspeed.sh] ${launcher[*]} $TRAIN_SCRIPT --config $CONFIG $*"
+exec "${launcher[@]}" "$TRAIN_SCRIPT" --config "$CONFIG" "$@"
