@@ -46,3 +46,84 @@ def naive_dskd(
     if labels is not None:
         out["ce"] = F.cross_entropy(student_logits.double(), labels, ignore_index=-100, reduction="sum")
     return out
+
+
+class TinyDistillation:
+    """A tiny student (linear body + head), a t2s projector and a fixed teacher, with ragged examples.
+
+    Every example has ``n`` label rows (some ignored) and a subset of ``a`` aligned rows, so the CE and the
+    DSKD terms have different counts, as with ETA. Used by the token-mean invariance tests.
+    """
+
+    IN, D, E, V, W = 5, 6, 8, 13, 11
+
+    def __init__(self, seed: int = 0, num_examples: int = 7):
+        from dskd_scale.projectors import PinvS2TMap, T2SProjector
+
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.body = torch.nn.Linear(self.IN, self.D)
+        self.head = torch.nn.Linear(self.D, self.V, bias=False)
+        self.teacher_weight = torch.randn(self.W, self.E, generator=gen)
+        self.id_map = torch.randint(-1, self.V, (self.W,), generator=gen)
+        overlap = torch.arange(9)
+        self.projector = T2SProjector(self.E, self.D).init_ideal_(
+            self.head.weight[overlap], self.teacher_weight[overlap]
+        )
+        self.s2t = PinvS2TMap(self.teacher_weight[overlap], overlap)
+        self.s2t.rebuild(self.head.weight)
+        self.examples = []
+        for _ in range(num_examples):
+            n = int(torch.randint(2, 7, (1,), generator=gen))
+            labels = torch.randint(0, self.V, (n,), generator=gen)
+            labels[torch.rand(n, generator=gen) < 0.25] = -100
+            aligned = torch.nonzero(torch.rand(n, generator=gen) < 0.7).flatten()
+            self.examples.append(
+                {
+                    "x": torch.randn(n, self.IN, generator=gen),
+                    "labels": labels,
+                    "aligned": aligned,
+                    "teacher_hidden": torch.randn(aligned.numel(), self.E, generator=gen),
+                }
+            )
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [*self.body.parameters(), self.head.weight, self.projector.weight]
+
+    def local_counts(self, examples) -> dict:
+        from dskd_scale.losses import data_counts
+
+        labels = sum(int((ex["labels"] != -100).sum()) for ex in examples)
+        return data_counts(labels, sum(int(ex["aligned"].numel()) for ex in examples))
+
+    def terms(self, examples, chunk_size: int = 4) -> dict:
+        from dskd_scale.losses import DSKDOptions, dskd_loss, student_ce
+
+        offsets, start = [], 0
+        for ex in examples:
+            offsets.append(ex["aligned"] + start)
+            start += ex["x"].shape[0]
+        hidden = self.body(torch.cat([ex["x"] for ex in examples]))
+        terms = {
+            "ce": student_ce(hidden, torch.cat([ex["labels"] for ex in examples]), self.head, chunk_size=chunk_size)
+        }
+        terms.update(
+            dskd_loss(
+                hidden[torch.cat(offsets)],
+                torch.cat([ex["teacher_hidden"] for ex in examples]),
+                student_head=self.head,
+                student_head_frozen=lambda h: F.linear(h, self.head.weight.detach()),
+                teacher_head=lambda h: F.linear(h, self.teacher_weight),
+                t2s_projector=self.projector,
+                s2t_map=self.s2t,
+                teacher_to_student_ids=self.id_map,
+                options=DSKDOptions(chunk_size=chunk_size, temperature=2.0),
+            )
+        )
+        return terms
+
+    def take_grads(self) -> list[Tensor]:
+        grads = [p.grad.clone() for p in self.params()]
+        for p in self.params():
+            p.grad = None
+        return grads
