@@ -91,6 +91,8 @@ class DataConfig:
 
     train_dir: str = ""
     eval_dir: str = ""
+    # Without eval_dir: hold out this fraction (< 1) or count (>= 1) of train_dir for eval loss; 0: none.
+    eval_holdout: float = 0.0
     micro_batch_size: int = 4
     eval_micro_batch_size: int = 0
     group_by_length: bool = True

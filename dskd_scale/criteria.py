@@ -1,0 +1,130 @@
+"""Criterion dispatch: a Contract 2 batch + last hidden states -> ``{term: (sum, count)}`` for ``combine_terms``.
+
+Shape legend: ``B`` batch, ``S``/``T`` student/teacher positions, ``D``/``E`` hidden sizes, ``N`` label rows,
+``A`` aligned rows.
+
+Rows are gathered with one vectorised index each: label rows ``h[b, s-1]`` predict ``labels[b, s]``; aligned
+rows ``h_s[align_batch, align_student-1]`` and ``h_t[align_batch, align_teacher-1]`` predict the same token
+(design.md Contract 1). Losses never see padding or the sequence layout.
+
+- ``sft``: student CE on gold labels.
+- ``vanilla_kd``: ``(1-a)·CE + a·D(teacher, student)`` on aligned rows (same vocabulary).
+- ``dskd`` (same vocabulary) / ``dskd_eta`` (prealigned ETA rows, vocabulary map): ``dskd_loss``.
+- ``dskd_cma``, ``uld``, ``mined``: the baselines in ``dskd_scale.losses.baselines``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dskd_scale.config.run import KDConfig
+from dskd_scale.losses import DSKDOptions, data_counts, dskd_loss, student_ce
+
+IGNORE_INDEX = -100
+# Loss terms combine_terms reads per criterion (besides "ce"), and the KD "spaces" argument it takes.
+_DSKD = ("dskd", "dskd_eta", "dskd_cma")
+
+
+@dataclass
+class Rows:
+    """Flat row indices of one micro-batch, computed once from the batch (no model needed)."""
+
+    label_batch_N: Tensor
+    label_pos_N: Tensor  # position of the hidden state that predicts the label (s - 1)
+    labels_N: Tensor
+    align_batch_A: Tensor
+    align_student_A: Tensor  # s - 1
+    align_teacher_A: Tensor  # t - 1
+    aligned_labels_A: Tensor  # the student token each aligned row predicts
+
+    @property
+    def fused_ce(self) -> bool:
+        """True when the aligned rows are exactly the label rows (same-vocabulary identity alignment)."""
+        return (self.labels_N.numel() == self.align_batch_A.numel()
+                and torch.equal(self.label_batch_N, self.align_batch_A)
+                and torch.equal(self.label_pos_N, self.align_student_A))
+
+
+def batch_rows(batch: dict[str, Tensor]) -> Rows:
+    """Label rows from ``student_labels [B,S]`` (not shifted: labels[s] is predicted at s-1) and aligned rows."""
+    labels_BS = batch["student_labels"]
+    label_batch_N, label_at_N = torch.nonzero(labels_BS[:, 1:] != IGNORE_INDEX, as_tuple=True)
+    align_batch_A = batch["align_batch"]
+    align_student = batch["align_student"]
+    return Rows(
+        label_batch_N=label_batch_N,
+        label_pos_N=label_at_N,
+        labels_N=labels_BS[label_batch_N, label_at_N + 1],
+        align_batch_A=align_batch_A,
+        align_student_A=align_student - 1,
+        align_teacher_A=batch["align_teacher"] - 1,
+        aligned_labels_A=batch["student_input_ids"][align_batch_A, align_student],
+    )
+
+
+def local_counts(rows: Rows) -> dict[str, Tensor | int]:
+    """This micro-batch's denominators (all known before any forward); summed over ranks and the GA window."""
+    return data_counts(int(rows.labels_N.numel()), int(rows.align_batch_A.numel()))
+
+
+def dskd_options(kd: KDConfig, *, agreement_mask: bool) -> DSKDOptions:
+    return DSKDOptions(divergence=kd.divergence, temperature=kd.temperature, skew_lambda=kd.skew_lambda,
+                       akl_alpha=kd.adaptive_kl_alpha, agreement_mask=agreement_mask, chunk_size=kd.chunk_size)
+
+
+def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_hidden_BTE: Tensor | None,
+                  engines: Any, *, agreement_mask: bool = True, batch: dict[str, Tensor] | None = None,
+                  ) -> dict[str, tuple[Tensor, Tensor]]:
+    """The criterion's ``{name: (sum, count)}`` terms (and metric hit counts) for one micro-batch.
+
+    Args:
+        kd: the ``kd`` config section (criterion, divergence, temperature, chunk size).
+        rows: ``batch_rows(batch)``.
+        student_hidden_BSD: student last hidden states (grad flows).
+        teacher_hidden_BTE: teacher last hidden states (no grad), None for ``sft``.
+        engines: ``dskd_scale.engine.build.Engines`` (heads, projectors, id map).
+        agreement_mask: this step's t2s agreement-mask switch (``use_t2s_agreement_mask``).
+        batch: the micro-batch itself (the sequence-level baselines need it).
+    """
+    student_head = engines.student_head()
+    criterion = kd.criterion
+    if criterion == "sft":
+        hidden_ND = student_hidden_BSD[rows.label_batch_N, rows.label_pos_N]
+        return {"ce": student_ce(hidden_ND, rows.labels_N, student_head, chunk_size=kd.chunk_size)}
+
+    student_AD = student_hidden_BSD[rows.align_batch_A, rows.align_student_A]
+    teacher_AE = teacher_hidden_BTE[rows.align_batch_A, rows.align_teacher_A]
+    if criterion in _DSKD:
+        fused = rows.fused_ce
+        snapshot = engines.student_snapshot
+        terms = dskd_loss(
+            student_AD, teacher_AE,
+            student_head=student_head, student_head_frozen=snapshot.frozen_head(),
+            teacher_head=engines.teacher_head, t2s_projector=engines.student_module.t2s_projector,
+            s2t_map=engines.s2t_map, teacher_to_student_ids=engines.teacher_to_student_ids,
+            options=dskd_options(kd, agreement_mask=agreement_mask),
+            student_labels_A=rows.aligned_labels_A if fused else None)
+        if not fused:  # ETA: gold CE runs over every label row, not only the aligned ones
+            hidden_ND = student_hidden_BSD[rows.label_batch_N, rows.label_pos_N]
+            terms["ce"] = student_ce(hidden_ND, rows.labels_N, student_head, chunk_size=kd.chunk_size)
+        return terms
+    from dskd_scale.losses import baselines
+
+    return baselines.criterion_terms(
+        criterion, kd=kd, rows=rows, student_hidden_BSD=student_hidden_BSD, teacher_hidden_BTE=teacher_hidden_BTE,
+        student_AD=student_AD, teacher_AE=teacher_AE, student_head=student_head, teacher_head=engines.teacher_head,
+        batch=batch)
+
+
+def kd_spaces(kd: KDConfig) -> str:
+    """The ``spaces`` argument of ``combine_terms`` for this criterion."""
+    return "both"
+
+
+def combine_alpha(kd: KDConfig) -> float:
+    """``sft`` trains on CE alone whatever ``kd.alpha`` says."""
+    return 0.0 if kd.criterion == "sft" else kd.alpha

@@ -1,0 +1,252 @@
+"""Build the two DeepSpeed engines: the frozen teacher (no optimizer) and the trained student + projectors.
+
+Under ZeRO-3 both models are constructed while a ``HfDeepSpeedConfig`` is alive, so transformers loads
+them partitioned (``zero.Init``): no rank ever holds a full teacher. Projector ideal initialisation runs
+once, before ``deepspeed.initialize`` (so the optimizer's master weights start from it), inside one gather
+of the overlap rows of both heads; rank 0 computes and broadcasts so every rank starts identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dskd_scale.config.run import EngineConfig, KDConfig, ModelConfig, OptimConfig
+from dskd_scale.engine.distributed import device, rank, world_size
+from dskd_scale.engine.ds_config import student_ds_config, teacher_ds_config, torch_dtype
+from dskd_scale.engine.heads import StudentHeadSnapshot, full_copy, gathered, linear_head, module_head
+from dskd_scale.models.build import (
+    apply_lora,
+    build_causal_lm,
+    head_of,
+    hidden_size_of,
+    load_tokenizer,
+    no_decay,
+)
+from dskd_scale.models.wrappers import DistillStudent, TeacherBody
+from dskd_scale.projectors import LearnedS2TMap, PinvS2TMap, T2SProjector
+from dskd_scale.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Engines:
+    """Everything the loop drives. ``teacher`` is None for ``sft``; projector fields None outside DSKD."""
+
+    student: Any
+    teacher: Any | None
+    student_tokenizer: Any
+    teacher_tokenizer: Any | None
+    student_ds_config: dict
+    teacher_ds_config: dict | None
+    teacher_head: Any | None = None  # callable h_NE -> logits_NW (frozen)
+    student_snapshot: StudentHeadSnapshot | None = None
+    s2t_map: Any | None = None  # PinvS2TMap or LearnedS2TMap (a module of the student engine) or None
+    teacher_to_student_ids: Tensor | None = None  # [W] int64, -1 where no student token
+    keepalive: list = field(default_factory=list)
+    deferred_grads: list = field(default_factory=list)
+
+    @property
+    def student_module(self) -> DistillStudent:
+        return self.student.module
+
+    def backward(self, loss: Tensor) -> None:
+        """``engine.backward`` plus the one reduction of the student head's gradient (see ``defer_head_gradient``)."""
+        self.student.backward(loss)
+        if self.deferred_grads:
+            optimizer = self.student.optimizer
+            for param in self.deferred_grads:
+                if param.grad is not None:
+                    param.ds_grad_is_ready = True
+                    optimizer.reduce_ready_partitions_and_remove_grads(param)
+                    param.ds_grad_is_ready = False
+            optimizer.independent_gradient_partition_epilogue()
+
+    def student_head(self):
+        """Trainable head callable (module call: ZeRO-3 gathers it and its gradient is reduced)."""
+        return module_head(self.student.module.head)
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int, base_lr: float):
+    """Multiplier of ``base_lr`` at optimizer step ``s``: linear warm-up, then cosine/linear decay to ``min_lr``.
+
+    Unlike the anchor (bug 29), warm-up applies to every schedule. Passed to DeepSpeed as a callable so
+    each param group keeps its own base LR (student vs projector).
+    """
+    floor = min(optim.min_lr / base_lr, 1.0)
+    warmup = optim.warmup_steps
+    decay_steps = max(total_steps - warmup, 1)
+
+    def multiplier(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / decay_steps, 1.0)
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * shape
+
+    return multiplier
+
+
+def param_groups(module: DistillStudent, optim: OptimConfig) -> list[dict]:
+    """Student decay / no-decay groups and one projector group with its own LR. Every trainable param once."""
+    decay, plain, projector = [], [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(("t2s_projector.", "s2t_projector.")):
+            projector.append(param)
+        elif no_decay(name, param):
+            plain.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"name": "student", "params": decay, "lr": optim.lr, "weight_decay": optim.weight_decay},
+        {"name": "student_no_decay", "params": plain, "lr": optim.lr, "weight_decay": 0.0},
+        {"name": "projector", "params": projector, "lr": optim.projector_lr, "weight_decay": optim.weight_decay},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def defer_head_gradient(weight: nn.Parameter) -> list[nn.Parameter]:
+    """Make ZeRO-3 reduce the student head's gradient once per backward instead of once per use.
+
+    The chunked losses call the head once per token chunk (and again in the backward recomputation),
+    and a tied head is also the input embedding, so its gradient-accumulation hook fires many times per
+    backward; ZeRO-3 would reduce a partial gradient each time (and refuse the same parameter twice in
+    one bucket). With ``ds_grad_is_ready = False`` (DeepSpeed's switch for tiled computations) the hook
+    leaves the gradient to accumulate in ``.grad``; ``Engines.backward`` then reduces it once.
+    """
+    weight.ds_grad_is_ready = False
+    return [weight]
+
+
+def _broadcast_from_rank0(tensor: Tensor) -> Tensor:
+    if world_size() > 1:
+        moved = tensor.to(device())
+        dist.broadcast(moved, src=0)
+        tensor.copy_(moved.to(tensor.device))
+    return tensor
+
+
+def _overlap_ids(vocab_map: dict[str, np.ndarray], student_vocab: int, teacher_vocab: int) -> tuple[Tensor, Tensor]:
+    student_ids = torch.as_tensor(vocab_map["overlap_student_ids"], dtype=torch.long)
+    teacher_ids = torch.as_tensor(vocab_map["overlap_teacher_ids"], dtype=torch.long)
+    if student_ids.numel() == 0:
+        raise ValueError("vocab_map.safetensors: overlap_student_ids is empty; no projector initialisation possible")
+    if int(student_ids.max()) >= student_vocab or int(teacher_ids.max()) >= teacher_vocab:
+        raise ValueError("vocab_map.safetensors: overlap ids exceed the model heads; were the shards made with "
+                         "these tokenizers?")
+    return student_ids, teacher_ids
+
+
+def _init_projectors(kd: KDConfig, student: nn.Module, teacher: nn.Module, t2s: T2SProjector | None,
+                     s2t_learned: LearnedS2TMap | None, overlap: tuple[Tensor, Tensor]) -> PinvS2TMap | None:
+    """Gather both heads once; init the t2s projector / learned s2t map; build the pinv s2t map."""
+    student_ids, teacher_ids = overlap
+    student_head, teacher_head = head_of(student), head_of(teacher)
+    with gathered([student_head.weight, teacher_head.weight]):
+        student_rows_OD = student_head.weight.detach()[student_ids].float()
+        teacher_rows_OE = teacher_head.weight.detach()[teacher_ids].float()
+        s2t_map = PinvS2TMap(teacher_rows_OE, student_ids) if kd.s2t_map == "pinv" else None
+        for projector, init in ((t2s, "init_ideal_"), (s2t_learned, "init_pinv_")):
+            if projector is None or kd.projector_init != "pinv":
+                continue
+            if rank() == 0:
+                getattr(projector, init)(student_rows_OD, teacher_rows_OE)
+            _broadcast_from_rank0(projector.weight.data)
+    if kd.projector_init == "file":
+        from safetensors.torch import load_file
+
+        state = load_file(kd.projector_init_file)
+        for name, projector in (("t2s_projector", t2s), ("s2t_projector", s2t_learned)):
+            key = f"{name}.weight"
+            if projector is not None:
+                if key not in state:
+                    raise ValueError(f"kd.projector_init_file: {kd.projector_init_file} has no {key!r}")
+                projector.weight.data.copy_(state[key])
+    if kd.projector_init == "random" and t2s is not None:  # same random init on every rank
+        _broadcast_from_rank0(t2s.weight.data)
+    return s2t_map
+
+
+def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, kd: KDConfig, optim: OptimConfig,
+                  engine_cfg: EngineConfig, micro_batch_size: int, total_steps: int,
+                  vocab_map: dict[str, np.ndarray] | None, needs_projectors: bool,
+                  student_tokenizer=None, teacher_tokenizer=None) -> Engines:
+    """Build models (partitioned at load under ZeRO-3), projectors and both engines.
+
+    Tokenizers are loaded from the model configs unless given (the caller usually has them already).
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = torch_dtype(engine_cfg.precision)
+    s_config = student_ds_config(engine_cfg, optim, micro_batch_size)
+    t_config = teacher_ds_config(engine_cfg, micro_batch_size) if teacher_cfg is not None else None
+    keepalive: list = []
+    student_tokenizer = student_tokenizer or load_tokenizer(student_cfg.tokenizer_path, key="student.tokenizer")
+    teacher = None
+    if teacher_cfg is not None:
+        teacher_tokenizer = teacher_tokenizer or load_tokenizer(teacher_cfg.tokenizer_path, key="teacher.tokenizer")
+        if engine_cfg.zero_stage == 3:
+            keepalive.append(HfDeepSpeedConfig(t_config))  # from_pretrained/from_config -> zero.Init
+        teacher = build_causal_lm(teacher_cfg, teacher_tokenizer, dtype=dtype, key="teacher")
+        teacher.requires_grad_(False)
+        teacher.eval()
+    if engine_cfg.zero_stage == 3:
+        keepalive.append(HfDeepSpeedConfig(s_config))  # the student's stays alive (generate's synced_gpus)
+    student = build_causal_lm(student_cfg, student_tokenizer, dtype=dtype, key="student")
+    if student_cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if student_cfg.lora.enabled:
+        student = apply_lora(student, student_cfg.lora)
+
+    t2s = s2t_learned = s2t_map = None
+    teacher_to_student = None
+    if needs_projectors:
+        if vocab_map is None:
+            raise ValueError(f"kd.criterion={kd.criterion} needs the shards' vocab_map.safetensors")
+        t2s = T2SProjector(hidden_size_of(teacher), hidden_size_of(student))
+        if kd.s2t_map == "learned":
+            s2t_learned = LearnedS2TMap(hidden_size_of(student), hidden_size_of(teacher))
+        overlap = _overlap_ids(vocab_map, head_of(student).out_features, head_of(teacher).out_features)
+        s2t_map = _init_projectors(kd, student, teacher, t2s, s2t_learned, overlap)
+    if teacher is not None and vocab_map is not None:
+        teacher_to_student = torch.as_tensor(vocab_map["teacher_to_student"], dtype=torch.long)
+
+    module = DistillStudent(student, t2s, s2t_learned)
+    groups = param_groups(module, optim)
+    lambdas = [lr_lambda(optim, total_steps, group["lr"]) for group in groups]
+    student_engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=groups, config=s_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas))
+    engines = Engines(student=student_engine, teacher=None, student_tokenizer=student_tokenizer,
+                      teacher_tokenizer=teacher_tokenizer, student_ds_config=s_config, teacher_ds_config=t_config,
+                      keepalive=keepalive)
+    if teacher is not None:
+        teacher_engine, *_ = deepspeed.initialize(model=TeacherBody(teacher), config=t_config)
+        teacher_engine.eval()
+        engines.teacher = teacher_engine
+        teacher_head_module = teacher_engine.module.head
+        engines.teacher_head = (linear_head(full_copy(teacher_head_module.weight)) if kd.teacher_head == "gathered"
+                                else module_head(teacher_head_module))
+    if s2t_map is not None:
+        s2t_map.to(device())
+    engines.s2t_map = s2t_map if s2t_map is not None else student_engine.module.s2t_projector
+    engines.teacher_to_student_ids = None if teacher_to_student is None else teacher_to_student.to(device())
+    if engine_cfg.zero_stage == 3:
+        engines.deferred_grads = defer_head_gradient(student_engine.module.head.weight)
+    if needs_projectors:
+        engines.student_snapshot = StudentHeadSnapshot(student_engine.module.head, s2t_map, keep_frozen_copy=True)
+    log.info("engines built: student %s, teacher %s, ZeRO-%d, %s", type(student).__name__,
+             type(teacher).__name__ if teacher is not None else "none", engine_cfg.zero_stage, engine_cfg.precision)
+    return engines

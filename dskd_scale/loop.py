@@ -1,0 +1,250 @@
+"""The training loop, written out: fetch GA window -> one collective (global counts, stop flag, agreement)
+-> per micro-batch: teacher forward (no_grad) -> student forward -> criterion -> combine -> backward -> step
+-> log / eval / checkpoint.
+
+Collectives per optimizer step: the one all-reduce above, the student head gather (DSKD only) and
+DeepSpeed's own. Metrics are reduced once per logging interval (``metrics.MetricWindow``). A non-finite
+loss gives non-finite gradients, which DeepSpeed's ZeRO optimizer detects through its all-reduced global
+gradient norm and skips on every rank (no optimizer or scheduler update); the loop counts and logs it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dskd_scale.config.loader import config_to_dict
+from dskd_scale.criteria import batch_rows, combine_alpha, compute_terms, kd_spaces, local_counts
+from dskd_scale.engine import checkpoint as ckpt
+from dskd_scale.engine.distributed import all_reduce_sum, device
+from dskd_scale.engine.export import export_student
+from dskd_scale.engine.signals import EXIT_REQUEUE, StopSignal
+from dskd_scale.losses import combine_terms, use_t2s_agreement_mask
+from dskd_scale.metrics import MetricWindow, memory_bytes
+from dskd_scale.train_setup import Setup
+from dskd_scale.utils.logging import get_logger, is_rank_zero
+
+log = get_logger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Counters saved with every checkpoint (identical on all ranks)."""
+
+    step: int = 0
+    student_tokens: int = 0
+    skipped_steps: int = 0
+    nonfinite_losses: int = 0
+    agreement_hits: float = 0.0  # previous step's global t2s agreement hits / aligned rows
+    agreement_rows: float = 0.0
+
+
+def _endless(loader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    target = device()
+    return {k: v.to(target, non_blocking=True) for k, v in batch.items()}
+
+
+def _teacher_hidden(setup: Setup, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    if setup.engines.teacher is None:
+        return None
+    with torch.no_grad():
+        return setup.engines.teacher(batch["teacher_input_ids"], batch["teacher_attention_mask"])
+
+
+def _save(setup: Setup, state: LoopState, sampler_state: dict) -> None:
+    import json
+
+    import yaml
+
+    tag_dir = setup.checkpoint_dir / ckpt.step_tag(state.step)
+    if (tag_dir / ckpt.COMPLETE_MARKER).is_file():
+        return  # this step is already checkpointed (periodic save, then a signal at the same boundary)
+    extra = {"run_config.yaml": yaml.safe_dump(config_to_dict(setup.cfg), sort_keys=False),
+             "ds_config.json": json.dumps(setup.engines.student_ds_config, indent=2)}
+    ckpt.save_checkpoint(setup.engines.student, setup.checkpoint_dir, state.step,
+                         client_state={"loop": asdict(state), "sampler": sampler_state},
+                         extra_files=extra, keep_last=setup.cfg.checkpoint.keep_last)
+
+
+def _resume(setup: Setup, state: LoopState) -> None:
+    policy = setup.cfg.checkpoint.resume
+    if policy == "never":
+        return
+    save_dir = setup.checkpoint_dir if policy == "auto" else Path(policy)
+    tag = ckpt.latest_complete_tag(save_dir)
+    if tag is None:
+        if policy != "auto":
+            raise FileNotFoundError(f"checkpoint.resume={policy}: no complete checkpoint there")
+        return
+    client = ckpt.load_checkpoint(setup.engines.student, save_dir, tag)
+    for key, value in client["loop"].items():
+        setattr(state, key, value)
+    setup.train_loader.load_state_dict(client["sampler"])
+    log.info("resumed from %s at step %d", save_dir / tag, state.step)
+
+
+def evaluate(setup: Setup, max_batches: int) -> dict[str, float]:
+    """Held-out loss terms over the eval split (same batches every time); one all-reduce at the end."""
+    engines, kd = setup.engines, setup.cfg.kd
+    loader = setup.eval_loader
+    loader.sampler.set_epoch(0)
+    engines.student.eval()
+    if engines.student_snapshot is not None:
+        engines.student_snapshot.refresh()
+    sums: dict[str, torch.Tensor] = {}
+    for index, batch in enumerate(loader):
+        if max_batches and index >= max_batches:
+            break
+        batch = _to_device(batch)
+        rows = batch_rows(batch)
+        with torch.no_grad():
+            teacher_hidden = _teacher_hidden(setup, batch)
+            student_hidden, _ = engines.student(batch["student_input_ids"], batch["student_attention_mask"])
+        with torch.enable_grad():  # frozen-head terms take an input gradient eagerly; nothing is applied
+            terms = compute_terms(kd, rows, student_hidden, teacher_hidden, engines, batch=batch)
+        for name, (value_sum, count) in terms.items():
+            for suffix, value in (("sum", value_sum), ("count", count)):
+                sums[f"{name}/{suffix}"] = sums.get(f"{name}/{suffix}", 0) + value.detach().double()
+    engines.student.train()
+    names = sorted(sums)
+    packed = all_reduce_sum(torch.stack([sums[n].to(device()) for n in names])).cpu() if names else []
+    reduced = dict(zip(names, packed, strict=True))
+    terms_total = {n[:-4]: (reduced[n], reduced[n[:-4] + "/count"]) for n in names if n.endswith("/sum")}
+    counts = {name: count for name, (_, count) in terms_total.items()}
+    _, metrics = combine_terms(terms_total, counts, alpha=combine_alpha(kd), world_size=1, grad_accum_steps=1,
+                               spaces=kd_spaces(kd))
+    return {f"eval/{name}": float(value) for name, value in metrics.items()}
+
+
+def _log(setup: Setup, window: MetricWindow, state: LoopState, writer, bar) -> None:
+    values = window.reduce(all_reduce_sum, setup.world_size, device())
+    values["train/skipped_steps"] = state.skipped_steps
+    values["train/nonfinite_losses"] = state.nonfinite_losses
+    if is_rank_zero():
+        for name, value in values.items():
+            if writer is not None:
+                writer.add_scalar(name, value, state.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}",
+                            tok_s=f"{values.get('perf/tokens_per_s', 0.0):.0f}")
+        log.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+
+
+def train(setup: Setup) -> int:
+    """Run to ``setup.total_steps``; returns the process exit status (0, or 75 after a stop signal)."""
+    cfg, engines = setup.cfg, setup.engines
+    kd, ga = cfg.kd, cfg.optim.grad_accum
+    alpha, spaces = combine_alpha(kd), kd_spaces(kd)
+    stop = StopSignal().install()
+    state = LoopState()
+    _resume(setup, state)
+    writer = bar = None
+    if is_rank_zero():
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(setup.output_dir / "tensorboard"))
+        if cfg.log.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=setup.total_steps, initial=state.step, desc=cfg.name, unit="step", dynamic_ncols=True)
+    window = MetricWindow()
+    batches = _endless(setup.train_loader)
+    engines.student.train()
+    try:
+        while state.step < setup.total_steps:
+            step_start = time.perf_counter()
+            sampler_before = setup.train_loader.state_dict()
+            micro = [_to_device(next(batches)) for _ in range(ga)]
+            rows = [batch_rows(batch) for batch in micro]
+            counts: dict[str, float] = {}
+            for row in rows:
+                for name, value in local_counts(row).items():
+                    counts[name] = counts.get(name, 0) + float(value)
+            names = sorted(counts)
+            # One collective per step: global denominators, the stop decision and last step's agreement.
+            packed = torch.tensor([counts[n] for n in names] + [1.0 if stop.received else 0.0,
+                                                                 state.agreement_hits, state.agreement_rows],
+                                  dtype=torch.float64, device=device())
+            packed = all_reduce_sum(packed).cpu().tolist()
+            if packed[len(names)] > 0:
+                log.warning("stop signal: checkpointing at step %d and exiting with %d", state.step, EXIT_REQUEUE)
+                _save(setup, state, sampler_before)
+                return EXIT_REQUEUE
+            global_counts = dict(zip(names, packed[: len(names)], strict=True))
+            agreement_mask = use_t2s_agreement_mask(packed[-2], packed[-1], kd.t2s_agreement_threshold)
+            if engines.student_snapshot is not None:
+                engines.student_snapshot.refresh()
+            teacher_seconds, agreement_hits, step_tokens = 0.0, 0.0, 0
+            for batch, row in zip(micro, rows, strict=True):
+                teacher_start = time.perf_counter()
+                teacher_hidden = _teacher_hidden(setup, batch)
+                teacher_seconds += time.perf_counter() - teacher_start
+                student_hidden, _ = engines.student(batch["student_input_ids"], batch["student_attention_mask"])
+                terms = compute_terms(kd, row, student_hidden, teacher_hidden, engines,
+                                      agreement_mask=agreement_mask, batch=batch)
+                loss, metrics = combine_terms(terms, global_counts, alpha=alpha, world_size=setup.world_size,
+                                              grad_accum_steps=ga, spaces=spaces)
+                if not bool(torch.isfinite(loss)):
+                    state.nonfinite_losses += 1  # local; DeepSpeed skips the step on all ranks
+                engines.backward(loss)
+                engines.student.step()
+                for name, value in metrics.items():
+                    window.add_global(f"train/{name}", value if torch.isfinite(value) else torch.zeros(()))
+                if "t2s_agreement" in terms:
+                    agreement_hits += float(terms["t2s_agreement"][0])
+                step_tokens += int(batch["student_attention_mask"].sum())
+            if not engines.student.was_step_applied():
+                state.skipped_steps += 1
+                log.warning("step %d skipped: non-finite gradient norm (collective decision)", state.step + 1)
+            state.step += 1
+            state.agreement_hits, state.agreement_rows = agreement_hits, global_counts.get("kd_t2s", 0.0) / max(
+                setup.world_size, 1)
+            step_seconds = time.perf_counter() - step_start
+            state.student_tokens += step_tokens
+            window.add_global("perf/tokens_per_s", step_tokens / step_seconds)
+            window.add_global("train/alignment_ratio", global_counts.get("kd_t2s", 0.0)
+                              / max(global_counts.get("ce", 0.0), 1.0) / setup.world_size)
+            window.add_local("perf/step_seconds", step_seconds)
+            window.add_local("perf/teacher_time_share", teacher_seconds / step_seconds)
+            for name, value in memory_bytes().items():
+                window.add_local(name, value)
+            window.end_step()
+            grad_norm = engines.student.get_global_grad_norm()
+            if grad_norm is not None:
+                window.set_last("train/grad_norm", float(grad_norm))
+            for group in engines.student.optimizer.param_groups:
+                window.set_last(f"lr/{group.get('name', 'group')}", group["lr"])
+            if bar is not None:
+                bar.update(1)
+            last = state.step == setup.total_steps
+            if state.step % cfg.log.every_steps == 0 or last:
+                _log(setup, window, state, writer, bar)
+            if setup.eval_loader is not None and (
+                    (cfg.log.eval_every_steps and state.step % cfg.log.eval_every_steps == 0) or last):
+                values = evaluate(setup, cfg.log.eval_max_batches)
+                if is_rank_zero():
+                    log.info("eval at step %d: %s", state.step, values)
+                    if writer is not None:
+                        for name, value in values.items():
+                            writer.add_scalar(name, value, state.step)
+            if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or last:
+                _save(setup, state, setup.train_loader.state_dict())
+        if cfg.checkpoint.export_at_end:
+            export_student(engines, setup.output_dir / "export")
+        return 0
+    finally:
+        stop.restore()
+        if writer is not None:
+            writer.close()
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,103 @@
+"""Wire one run from its config: process group, verified data, tokenizers, engines, output folder.
+
+Kept apart from the loop so the loop reads as the training step only, and so benchmarks and tests can
+build a run the same way ``launch/train.py`` does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dskd_scale.config.loader import save_config
+from dskd_scale.config.run import PROJECTOR_CRITERIA, RunConfig
+from dskd_scale.data import format as shard_format
+from dskd_scale.data.dataset import DataError, PrealignedDataset
+from dskd_scale.data.loader import TrainLoader, build_train_loader
+from dskd_scale.engine.build import Engines, build_engines
+from dskd_scale.engine.distributed import init_distributed
+from dskd_scale.models.build import load_tokenizer
+from dskd_scale.utils.logging import get_logger, is_rank_zero
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Setup:
+    cfg: RunConfig
+    engines: Engines
+    train_loader: TrainLoader
+    eval_loader: TrainLoader | None
+    total_steps: int
+    output_dir: Path
+    rank: int
+    world_size: int
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+
+def open_dataset(path: str, key: str, student_tokenizer, teacher_tokenizer) -> PrealignedDataset:
+    """Open shards, refusing a tokenizer fingerprint mismatch (the error names ``key`` and the folder)."""
+    try:
+        return PrealignedDataset.open(
+            path,
+            expected_student_fingerprint=shard_format.tokenizer_fingerprint(student_tokenizer),
+            expected_teacher_fingerprint=(None if teacher_tokenizer is None
+                                          else shard_format.tokenizer_fingerprint(teacher_tokenizer)))
+    except DataError as err:
+        raise DataError(f"{key}={path}: {err}") from err
+
+
+def total_optimizer_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
+    per_epoch = micro_batches_per_epoch // cfg.optim.grad_accum
+    if cfg.optim.max_steps:
+        return cfg.optim.max_steps
+    if per_epoch == 0:
+        raise DataError(f"data.train_dir: one epoch has {micro_batches_per_epoch} micro-batches per rank, fewer than "
+                        f"optim.grad_accum={cfg.optim.grad_accum}; use more data or set optim.max_steps")
+    return cfg.optim.epochs * per_epoch
+
+
+def setup_run(cfg: RunConfig) -> Setup:
+    """Everything ``loop.train`` needs; collective (call on every rank)."""
+    rank, world = init_distributed(cfg.engine.dist_backend, skip_cpu_shm_op=cfg.engine.skip_cpu_shm_op)
+    output_dir = Path(cfg.output_dir)
+    student_tokenizer = load_tokenizer(cfg.student.tokenizer_path, key="student.tokenizer")
+    teacher_tokenizer = None
+    if cfg.needs_teacher or cfg.teacher.tokenizer_path:
+        teacher_tokenizer = load_tokenizer(cfg.teacher.tokenizer_path, key="teacher.tokenizer")
+    train_set = open_dataset(cfg.data.train_dir, "data.train_dir", student_tokenizer, teacher_tokenizer)
+    eval_set = None
+    if cfg.data.eval_dir:
+        eval_set = open_dataset(cfg.data.eval_dir, "data.eval_dir", student_tokenizer, teacher_tokenizer)
+    elif cfg.data.eval_holdout > 0:
+        holdout = int(cfg.data.eval_holdout) if cfg.data.eval_holdout >= 1 else cfg.data.eval_holdout
+        train_set, eval_set = train_set.split_holdout(holdout, seed=cfg.data.seed)
+    train_loader = build_train_loader(train_set, rank=rank, world_size=world,
+                                      micro_batch_size=cfg.data.micro_batch_size,
+                                      seed=cfg.data.seed, group_by_length=cfg.data.group_by_length,
+                                      num_workers=cfg.data.num_workers)
+    eval_loader = None
+    if eval_set is not None:
+        eval_loader = build_train_loader(eval_set, rank=rank, world_size=world,
+                                         micro_batch_size=cfg.data.eval_micro_batch_size or cfg.data.micro_batch_size,
+                                         seed=cfg.data.seed, group_by_length=False, shuffle=False, drop_last=False)
+    total_steps = total_optimizer_steps(cfg, len(train_loader))
+    engines = build_engines(
+        student_cfg=cfg.student, teacher_cfg=cfg.teacher if cfg.needs_teacher else None, kd=cfg.kd,
+        optim=cfg.optim, engine_cfg=cfg.engine, micro_batch_size=cfg.data.micro_batch_size,
+        total_steps=total_steps, vocab_map=train_set.vocab_map,
+        needs_projectors=cfg.kd.criterion in PROJECTOR_CRITERIA,
+        student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer)
+    if is_rank_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "run_config.yaml")
+        (output_dir / "ds_config.json").write_text(json.dumps(engines.student_ds_config, indent=2))
+        if engines.teacher_ds_config is not None:
+            (output_dir / "ds_config_teacher.json").write_text(json.dumps(engines.teacher_ds_config, indent=2))
+    log.info("run %s: %d train examples, %d optimizer steps, world %d", cfg.name, len(train_set), total_steps, world)
+    return Setup(cfg=cfg, engines=engines, train_loader=train_loader, eval_loader=eval_loader,
+                 total_steps=total_steps, output_dir=output_dir, rank=rank, world_size=world)
