@@ -67,3 +67,20 @@ def tiny_gpt2():
 
     model, tokenizer, _ = load_model_and_tokenizer(path, dtype="fp32", device="cpu")
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """Import ``tools/<name>.py`` (an entry-point script, not a package) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    tools_dir = Path(__file__).resolve().parents[2] / "tools"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"dskd_tool_{name}", tools_dir / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
