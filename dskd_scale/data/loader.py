@@ -74,17 +74,20 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.sampler.remaining_micro_batches == 0:
             self.sampler.set_epoch(self.sampler.epoch + 1)
-        start, epoch = self.sampler.consumed_micro_batches, self.sampler.epoch
-        indices = self.sampler.rank_micro_batches(epoch)[start:].tolist()
-        repeats = self.sampler.rank_repeat_mask(epoch)[start:].tolist()
-        micro_batches = [list(zip(i, r, strict=True)) for i, r in zip(indices, repeats, strict=True)]
-        for batch in self._batches(micro_batches):
+        for batch in self._batches(self._micro_batch_keys()):
             # Counted before the hand-over: once the caller holds the batch, a checkpoint must not replay it.
             self.sampler.advance(1)
             yield batch
         self.sampler.set_epoch(self.sampler.epoch + 1)
 
-    def _batches(self, micro_batches: list[list[tuple[int, bool]]]) -> Iterator[dict[str, torch.Tensor]]:
+    def _micro_batch_keys(self) -> Iterator[list[tuple[int, bool]]]:
+        """``[(sample index, is_repeat), ...]`` per remaining micro-batch of the current epoch, made lazily."""
+        epoch, start = self.sampler.epoch, self.sampler.consumed_micro_batches
+        indices, repeats = self.sampler.rank_micro_batches(epoch), self.sampler.rank_repeat_mask(epoch)
+        for row in range(start, indices.shape[0]):
+            yield list(zip(indices[row].tolist(), repeats[row].tolist(), strict=True))
+
+    def _batches(self, micro_batches: Iterator[list[tuple[int, bool]]]) -> Iterator[dict[str, torch.Tensor]]:
         examples = _RepeatMarkingView(self.dataset)
         if self.num_workers == 0:
             for keys in micro_batches:
@@ -142,6 +145,7 @@ def build_train_loader(
     micro_batch_size: int,
     seed: int,
     group_by_length: bool,
+    group_window_steps: int = 50,
     num_workers: int = 0,
     shuffle: bool = True,
     drop_last: bool = True,
@@ -152,9 +156,10 @@ def build_train_loader(
     """A resumable loader over ``dataset`` for one data-parallel rank.
 
     Every rank must call this with the same arguments except ``rank``; all ranks then take the same number of
-    micro-batches per epoch (``len(loader)``; see ``ResumableDistributedSampler`` for ``drop_last``). Length
-    grouping sorts by student + teacher token count, since both sides are padded. Pad ids default to the
-    manifest's pad (else EOS) ids.
+    micro-batches per epoch (``len(loader)``; see ``ResumableDistributedSampler`` for ``drop_last`` and for
+    ``group_window_steps``). Length grouping sorts by student + teacher token count, since both sides are padded.
+    Pad ids default to the manifest's pad (else EOS) ids. For evaluation use ``shuffle=False, drop_last=False``:
+    every example is then counted exactly once over all ranks, with ranks still in lockstep.
     """
     manifest = dataset.manifest
     lengths = None
@@ -170,6 +175,7 @@ def build_train_loader(
         drop_last=drop_last,
         lengths=lengths,
         group_by_length=group_by_length,
+        group_window_steps=group_window_steps,
     )
     collator = Collator(
         student_pad_id=pad_id_from_manifest(manifest, "student") if student_pad_id is None else student_pad_id,
