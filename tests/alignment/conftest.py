@@ -51,7 +51,7 @@ def dolly_texts() -> list[str]:
     path = asset_path("data/dolly/valid.jsonl")
     if path is None:
         pytest.skip(missing_asset_reason("data/dolly/valid.jsonl"))
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:24]]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:16]]
     return [row["prompt"] + row["output"] for row in rows]
 
 

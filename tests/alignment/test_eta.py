@@ -15,13 +15,12 @@ CROSS_PAIRS = [pair for pair in itertools.permutations(("gpt2", "qwen1.5", "llam
 
 
 def brute_force_pairs(reference_a, reference_b) -> set[tuple[int, int]]:
-    """All (i, j) with whole tokens of identical reference span: the exact-span optimum, by nested loops."""
-    pairs = set()
-    for i, span_a in enumerate(reference_a):
-        for j, span_b in enumerate(reference_b):
-            if span_a and span_b and span_a[2] and span_b[2] and span_a[:2] == span_b[:2]:
-                pairs.add((i, j))
-    return pairs
+    """Every (i, j) of whole tokens with identical reference spans: the exact-span optimum, exhaustively."""
+    whole_b: dict[tuple[int, int], list[int]] = {}
+    for j, span_b in enumerate(reference_b):
+        if span_b and span_b[2]:
+            whole_b.setdefault(span_b[:2], []).append(j)
+    return {(i, j) for i, span_a in enumerate(reference_a) if span_a and span_a[2] for j in whole_b.get(span_a[:2], [])}
 
 
 def token_text(tokenizer_bytes, token_id: int) -> str:
