@@ -18,7 +18,6 @@ is trusted by its name (written atomically) and still passes the row checks belo
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Mapping
@@ -142,7 +141,10 @@ class PrealignedDataset:
             if rows != int(entry["rows"]):
                 raise DataError(f"{shard_path}: has {rows} rows but manifest.json shards[].rows says {entry['rows']}")
             if validate_rows:
-                _validate_rows(shard_path, shard_pieces, manifest)
+                first_row = 0
+                for piece in shard_pieces:
+                    _validate_rows(shard_path, piece, first_row, manifest)
+                    first_row += piece.example_index.size
             pieces.extend(shard_pieces)
         if not pieces:
             raise DataError(f"{folder / 'manifest.json'}: lists no shards (or only empty ones)")
@@ -236,11 +238,12 @@ def _check_fingerprint(folder: Path, manifest: Mapping[str, Any], side: str, exp
         )
 
 
-def _validate_rows(shard_path: Path, pieces: list[_Piece], manifest: Mapping[str, Any]) -> None:
-    columns = {name: _concat([piece.columns[name] for piece in pieces]) for name in LIST_COLUMNS}
+def _validate_rows(shard_path: Path, piece: _Piece, first_row: int, manifest: Mapping[str, Any]) -> None:
+    """Structural checks of one record batch whose first row is row ``first_row`` of its shard file."""
+    columns = piece.columns
 
     def fail(row: int, problem: str) -> None:
-        raise DataError(f"{shard_path}:row {row}: {problem}")
+        raise DataError(f"{shard_path}:row {first_row + row}: {problem}")
 
     for side in ("student", "teacher"):
         ids, labels = columns[f"{side}_input_ids"], columns[f"{side}_labels"]
@@ -351,20 +354,3 @@ def _flat(shard_path: Path, name: str, array: pa.ListArray) -> _FlatColumn:
         raise DataError(f"{shard_path}: column '{name}' has null tokens inside its lists")
     offsets = array.offsets.to_numpy().astype(np.int64)
     return _FlatColumn(values=values.to_numpy(), offsets=offsets - offsets[0])
-
-
-def _concat(columns: list[_FlatColumn]) -> _FlatColumn:
-    if len(columns) == 1:
-        return columns[0]
-    lengths = np.concatenate([column.lengths for column in columns])
-    return _FlatColumn(
-        values=np.concatenate([column.values for column in columns]),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-    )
-
-
-def manifest_summary(manifest: Mapping[str, Any]) -> str:
-    """One log line describing a manifest (tokenizers, shard count, rows)."""
-    rows = sum(int(entry["rows"]) for entry in manifest.get("shards", []))
-    tokenizers = {side: manifest.get(f"{side}_tokenizer", {}).get("name_or_path") for side in ("teacher", "student")}
-    return json.dumps({"rows": rows, "shards": len(manifest.get("shards", [])), **tokenizers})

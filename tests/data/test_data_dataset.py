@@ -108,7 +108,8 @@ def test_refuses_malformed_rows_naming_file_and_row(
     if column == "student_input_ids":  # keep labels consistent so only the vocabulary check fires
         rows[7]["student_labels"] = [-100] * len(rows[7]["student_labels"])
     rows = _corrupt_row(rows, column, make_value(rows[7]))
-    folder = prealigned_dir(rows, rows_per_shard=20)
+    # Row groups of 3 put row 7 in the third record batch: the reported row must still be 7.
+    folder = prealigned_dir(rows, rows_per_shard=20, row_group_size=3)
     with pytest.raises(DataError, match=rf"shard-00000\.parquet:row 7: {message}"):
         PrealignedDataset.open(folder, **open_kw)
 
