@@ -14,21 +14,25 @@ import sys
 from pathlib import Path
 
 
+def default_labels(paths: list[str]) -> list[str]:
+    """Parent folder names (``sft/results.json``), else file stems (``eval/sft.json``), whichever are distinct."""
+    for candidates in ([Path(p).resolve().parent.name for p in paths], [Path(p).stem for p in paths]):
+        if len(set(candidates)) == len(candidates):
+            return candidates
+    return list(paths)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results JSON files written by tools/evaluate.py")
-    parser.add_argument("--labels", help="comma list of column names (default: the files' parent folder names)")
+    parser.add_argument("--labels", help="comma list of column names (default: distinct folder names or file stems)")
     args = parser.parse_args(argv)
     from dskd_scale.eval.results import comparability_notes, compare_table, read_results
 
-    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [
-        Path(path).parent.name or Path(path).stem for path in args.results
-    ]
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else default_labels(args.results)
     if len(labels) != len(args.results):
         print(f"compare_results.py: error: {len(labels)} labels for {len(args.results)} files", file=sys.stderr)
         return 2
-    if len(set(labels)) != len(labels):  # same folder names: fall back to the paths themselves
-        labels = list(args.results)
     try:
         results = [read_results(path) for path in args.results]
     except ValueError as err:

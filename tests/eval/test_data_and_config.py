@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dskd_scale.config.loader import ConfigError, build_config
+from dskd_scale.config.loader import ConfigError, build_config, load_config
 from dskd_scale.eval.config import EvalConfig
 from dskd_scale.eval.data import DataError, load_gsm8k, load_humaneval, load_instruction_suite, load_mbpp
 
@@ -66,3 +66,17 @@ def test_config_errors_name_the_key():
     config = build_config(EvalConfig, {"model": "m", "suites": ["mine"], "data_paths": {"mine": "/d/mine.jsonl"}})
     assert config.suite_kind("mine") == "instruction" and config.data_path("mine") == "/d/mine.jsonl"
     assert build_config(EvalConfig, {"model": "m", "data_dir": "/d"}).data_path("dolly") == "/d/dolly/valid.jsonl"
+
+
+def test_every_eval_yaml_loads_and_validates(project_root, tmp_path):
+    files = sorted((project_root / "configs" / "eval").glob("**/*.yaml"))
+    assert files
+    for path in files:
+        config = load_config(EvalConfig, path, ["model=some/model"])
+        assert config.suites and config.seeds
+    with pytest.raises(ConfigError, match=r"model .*paper_instruction\.yaml:\d+"):  # model: null must be set
+        load_config(EvalConfig, project_root / "configs/eval/paper_instruction.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ndata_dir: d\nsampling:\n  top_q: 0.9\n")
+    with pytest.raises(ConfigError, match=r"sampling\.top_q \(.*bad\.yaml:4\): unknown key; did you mean 'top_p'"):
+        load_config(EvalConfig, bad)
