@@ -7,6 +7,7 @@ any ``num_workers``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -54,6 +55,7 @@ class TrainLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self._data_identity: str | None = None
 
     @property
     def epoch(self) -> int:
@@ -105,13 +107,39 @@ class TrainLoader:
             prefetch_factor=self.prefetch_factor,
         )
 
+    def data_identity(self) -> str:
+        """sha256 over the shard checksums and the rows of this view: equal only for the same examples in order."""
+        if self._data_identity is None:
+            self._data_identity = _data_identity(self.dataset)
+        return self._data_identity
+
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's resumable position (JSON-safe); save it with the checkpoint."""
-        return self.sampler.state_dict()
+        """The sampler's resumable position plus the data identity (JSON-safe); save it with the checkpoint."""
+        return {**self.sampler.state_dict(), "data_identity": self.data_identity()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume at a saved position; raises ``DataError`` if the data order settings changed."""
+        """Resume at a saved position.
+
+        Raises:
+            DataError: if the data (shards or holdout split) or an order-defining sampler setting changed since the
+                state was saved: the same position in other data would silently skip or repeat examples.
+        """
+        saved = state.get("data_identity")
+        if saved != self.data_identity():
+            raise DataError(
+                f"cannot resume the data order: loader state field 'data_identity' is {saved!r} but the data now "
+                f"is {self.data_identity()!r} ({self.dataset.path}); the shards or the holdout split changed since "
+                "the checkpoint. Resume with the same prealigned data and data settings"
+            )
         self.sampler.load_state_dict(state)
+
+
+def _data_identity(dataset: PrealignedDataset) -> str:
+    digest = hashlib.sha256()
+    for shard in dataset.manifest["shards"]:
+        digest.update(f"{shard['file']}:{shard['sha256']};".encode())
+    digest.update(np.ascontiguousarray(dataset.rows, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 class _RepeatMarkingView:

@@ -79,6 +79,8 @@ class ResumableDistributedSampler:
             problems.append(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if group_window_steps < 1:
             problems.append(f"group_window_steps must be >= 1, got {group_window_steps}")
+        if seed < 0:
+            problems.append(f"seed must be >= 0, got {seed}")
         if num_samples < 1:
             problems.append(f"num_samples must be >= 1, got {num_samples} (the dataset is empty)")
         if group_by_length and lengths is None:

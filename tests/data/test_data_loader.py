@@ -114,3 +114,12 @@ def test_unshuffled_full_pass_counts_every_example_once_across_ranks(dataset):
             rows_seen += len(live)
     assert rows_seen == 96  # ceil(90 / 12) steps x 12: every rank the same number of steps
     assert sorted(counted) == sorted(int(dataset[i]["example_index"]) for i in range(90))
+
+
+def test_refuses_a_state_saved_on_other_data(dataset):
+    train_a, _ = dataset.split_holdout(10, seed=0)
+    train_b, _ = dataset.split_holdout(10, seed=1)  # same size, other examples: only the identity tells them apart
+    state = loader_for(train_a).state_dict()
+    loader_for(train_a).load_state_dict(state)
+    with pytest.raises(DataError, match="'data_identity'"):
+        loader_for(train_b).load_state_dict(state)
