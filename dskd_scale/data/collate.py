@@ -43,7 +43,8 @@ class Collator:
 
     Output keys: ``student_input_ids/attention_mask/labels [B,S]``, ``teacher_* [B,T]`` (padding: the side's pad
     id, mask 0, label -100), ``align_batch/align_student/align_teacher [A]`` (row in the batch and positions into
-    that row's input ids, unchanged from the shard), ``example_index [B]``, ``num_examples`` (0-dim tensor).
+    that row's input ids, unchanged from the shard), ``example_index [B]``, ``num_examples`` (0-dim tensor: the
+    rows that count, i.e. ``B`` minus repeat rows).
 
     An example carrying ``is_repeat=True`` (a slot that only fills the last step of an epoch, see
     ``ResumableDistributedSampler``) is kept in the batch, so every rank runs the same shapes of work, but
@@ -93,5 +94,5 @@ class Collator:
             batch[f"align_{side}"] = positions_A[keep_A]
         batch["example_index"] = np.fromiter((int(ex["example_index"]) for ex in examples), np.int64, len(examples))
         out = {key: torch.from_numpy(value) for key, value in batch.items()}
-        out["num_examples"] = torch.tensor(len(examples), dtype=torch.int64)
+        out["num_examples"] = torch.tensor(int((~is_repeat_B).sum()), dtype=torch.int64)
         return out

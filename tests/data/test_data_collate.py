@@ -86,3 +86,4 @@ def test_repeat_rows_keep_their_shape_but_count_nothing(dataset):
         keep = plain["align_batch"] != 1
         assert torch.equal(marked[f"align_{side}"], plain[f"align_{side}"][keep])
     assert len(examples[1]["align_student"]) > 0 and 1 not in marked["align_batch"].tolist()
+    assert (int(plain["num_examples"]), int(marked["num_examples"])) == (3, 2)
