@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dskd_scale.losses.fused_kl import fused_kl_rows
+
 __all__ = [
     "DIVERGENCES",
     "DivergenceParams",
@@ -101,11 +103,7 @@ class _Sides:
     __slots__ = ("entry_ok", "log_p", "log_q", "p", "q")
 
     def __init__(self, student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams):
-        if student_logits_NV.shape != target_logits_NV.shape:
-            raise ValueError(
-                f"student logits {tuple(student_logits_NV.shape)} and target logits "
-                f"{tuple(target_logits_NV.shape)} must have the same shape"
-            )
+        _check_shapes(student_logits_NV, target_logits_NV)
         target_temperature = params.target_temperature or params.temperature
         dtype = torch.promote_types(torch.promote_types(student_logits_NV.dtype, target_logits_NV.dtype), torch.float32)
         student = student_logits_NV.to(dtype) / params.temperature
@@ -139,14 +137,45 @@ def _kl(prob_a_NV: Tensor, log_a_NV: Tensor, log_b_NV: Tensor) -> Tensor:
     return (prob_a_NV * (log_a_NV - log_b_NV)).sum(-1)
 
 
+def _check_shapes(student_logits_NV: Tensor, target_logits_NV: Tensor) -> None:
+    if student_logits_NV.shape != target_logits_NV.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits_NV.shape)} and target logits "
+            f"{tuple(target_logits_NV.shape)} must have the same shape"
+        )
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """True when no entry is -inf (one reduction per tensor; +inf/NaN are invalid input anyway)."""
+    return all(t.numel() == 0 or bool(t.detach().amin() > float("-inf")) for t in tensors)
+
+
 def forward_kl(student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams) -> Tensor:
-    """KL(p || q) per row, fp32 ``[N]``."""
+    """KL(p || q) per row, fp32 ``[N]``. Finite input takes the memory-lean fused path."""
+    _check_shapes(student_logits_NV, target_logits_NV)
+    if _all_finite(student_logits_NV, target_logits_NV):
+        return fused_kl_rows(
+            student_logits_NV,
+            target_logits_NV,
+            reverse=False,
+            temperature=params.temperature,
+            target_temperature=params.target_temperature or params.temperature,
+        )
     s = _Sides(student_logits_NV, target_logits_NV, params)
     return _kl(s.p, s.log_p, s.log_q)
 
 
 def reverse_kl(student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams) -> Tensor:
-    """KL(q || p) per row, fp32 ``[N]``."""
+    """KL(q || p) per row, fp32 ``[N]``. Finite input takes the memory-lean fused path."""
+    _check_shapes(student_logits_NV, target_logits_NV)
+    if _all_finite(student_logits_NV, target_logits_NV):
+        return fused_kl_rows(
+            student_logits_NV,
+            target_logits_NV,
+            reverse=True,
+            temperature=params.temperature,
+            target_temperature=params.target_temperature or params.temperature,
+        )
     s = _Sides(student_logits_NV, target_logits_NV, params)
     return _kl(s.q, s.log_q, s.log_p)
 

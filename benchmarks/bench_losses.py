@@ -1,0 +1,181 @@
+"""Whole DSKD v2 loss, forward + backward: chunked (dskd_scale) vs naive (the anchor's full-logit way).
+
+Each (variant, size) runs in its own child process so peak RSS is measured cleanly: the child allocates
+heads and hidden states, records its resident set (the baseline), runs one warm-up pass on 8 rows, then
+one measured forward+backward, and reports the wall time and ``ru_maxrss``. The memory figure compared
+is the loss's working memory: peak RSS minus the baseline (weights, inputs and their gradients are the
+same for both variants and excluded; the absolute peaks are printed too).
+
+Both variants compute the same four terms (student CE, KD_t2s with the agreement mask, CE_t2s, KD_s2t;
+forward KL, temperature 2) with the same heads, projector and s2t matrix, and their loss values are
+checked to agree. Sizes: V = 32k with 4096 tokens, V = 152k with 1024 tokens; student hidden 1024,
+teacher hidden 2048; fp32 weights (the naive path needs several GB at 152k).
+
+Usage: ``python benchmarks/bench_losses.py [--quick]``; the last line is
+``SUMMARY mem_ratio_152k=<x> time_ratio_152k=<y> ...`` (ratios = chunked / naive, lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+STUDENT_HIDDEN, TEACHER_HIDDEN = 1024, 2048
+SIZES = {"32k": (32_000, 4096), "152k": (152_064, 1024)}
+QUICK_SIZES = {"32k": (4_000, 2048), "152k": (16_000, 1024)}
+TEMPERATURE = 2.0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def _naive_fkl_rows(student_logits, target_logits):
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(student_logits.float() / TEMPERATURE, -1)
+    log_p = F.log_softmax(target_logits.float() / TEMPERATURE, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def naive_loss(inputs: dict) -> dict:
+    """The anchor's structure: four full [N, V] logit tensors and their fp32 softmax copies."""
+    import torch
+    import torch.nn.functional as F
+
+    student_w, teacher_w = inputs["student_w"], inputs["teacher_w"]
+    h_s, h_t, labels = inputs["h_s"], inputs["h_t"], inputs["labels"]
+    student_logits = h_s @ student_w.T
+    with torch.no_grad():
+        teacher_logits = h_t @ teacher_w.T
+        teacher_pred = teacher_logits.argmax(-1)
+    t2s_logits = (h_t @ inputs["projector_w"].T) @ student_w.detach().T
+    ce_t2s = F.cross_entropy(t2s_logits.float(), teacher_pred, reduction="sum")
+    agree = t2s_logits.argmax(-1) == teacher_pred
+    kd_t2s = (_naive_fkl_rows(student_logits, t2s_logits.detach()) * agree).sum()
+    s2t_logits = (h_s @ inputs["s2t_matrix"].T) @ teacher_w.T
+    kd_s2t = _naive_fkl_rows(s2t_logits, teacher_logits).sum()
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="sum")
+    return {"ce": ce, "kd_t2s": kd_t2s, "ce_t2s": ce_t2s, "kd_s2t": kd_s2t}
+
+
+def chunked_loss(inputs: dict, chunk_size: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from dskd_scale.losses import DSKDOptions, dskd_loss
+
+    student_w, teacher_w = inputs["student_w"], inputs["teacher_w"]
+    terms = dskd_loss(
+        inputs["h_s"],
+        inputs["h_t"],
+        student_head=lambda h: F.linear(h, student_w),
+        student_head_frozen=lambda h: F.linear(h, student_w.detach()),
+        teacher_head=lambda h: F.linear(h, teacher_w),
+        t2s_projector=lambda h: F.linear(h, inputs["projector_w"]),
+        s2t_map=lambda h: F.linear(h, inputs["s2t_matrix"]),
+        teacher_to_student_ids=torch.arange(teacher_w.shape[0]),
+        options=DSKDOptions(temperature=TEMPERATURE, chunk_size=chunk_size),
+        student_labels_A=inputs["labels"],
+    )
+    return {name: terms[name][0] for name in ("ce", "kd_t2s", "ce_t2s", "kd_s2t")}
+
+
+def make_inputs(vocab: int, tokens: int, seed: int = 0) -> dict:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    student_w = (torch.randn(vocab, STUDENT_HIDDEN, generator=gen) * STUDENT_HIDDEN**-0.5).requires_grad_(True)
+    teacher_w = torch.randn(vocab, TEACHER_HIDDEN, generator=gen) * TEACHER_HIDDEN**-0.5
+    projector_w = (torch.randn(STUDENT_HIDDEN, TEACHER_HIDDEN, generator=gen) * TEACHER_HIDDEN**-0.5).requires_grad_()
+    return {
+        "student_w": student_w,
+        "teacher_w": teacher_w,
+        "projector_w": projector_w,
+        "s2t_matrix": torch.randn(TEACHER_HIDDEN, STUDENT_HIDDEN, generator=gen) * STUDENT_HIDDEN**-0.5,
+        "h_s": torch.randn(tokens, STUDENT_HIDDEN, generator=gen).requires_grad_(True),
+        "h_t": torch.randn(tokens, TEACHER_HIDDEN, generator=gen) * 3,
+        "labels": torch.randint(0, vocab, (tokens,), generator=gen),
+    }
+
+
+def run_child(variant: str, vocab: int, tokens: int, chunk_size: int) -> None:
+    """Inside the child: one warm-up on 8 rows, one measured pass; prints one JSON line."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    inputs = make_inputs(vocab, tokens)
+    # Gradient buffers of the trainable tensors exist in both variants; allocate them before the baseline.
+    for name in ("student_w", "projector_w", "h_s"):
+        inputs[name].grad = torch.zeros_like(inputs[name])
+    loss_fn = naive_loss if variant == "naive" else lambda x: chunked_loss(x, chunk_size)
+    warm = {k: (v[:8] if k in ("h_s", "h_t", "labels") else v) for k, v in inputs.items()}
+    sum(loss_fn(warm).values()).backward()
+    baseline_mb = _rss_mb()
+    start = time.perf_counter()
+    terms = loss_fn(inputs)
+    sum(terms.values()).backward()
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    values = {k: float(v) for k, v in terms.items()}
+    print(json.dumps({"seconds": seconds, "baseline_mb": baseline_mb, "peak_mb": peak_mb, "terms": values}))
+
+
+def measure(variant: str, vocab: int, tokens: int, chunk_size: int) -> dict:
+    command = [sys.executable, __file__, "--child", variant, str(vocab), str(tokens), str(chunk_size)]
+    # A fixed mmap threshold stops glibc from serving freed multi-MB tensors out of its heap (its dynamic
+    # threshold rises to 32 MB), which would make RSS measure allocator fragmentation; same for both variants.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} V={vocab} N={tokens} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "VOCAB", "TOKENS", "CHUNK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, vocab, tokens, chunk = args.child
+        run_child(variant, int(vocab), int(tokens), int(chunk))
+        return
+    summary = {}
+    for label, (vocab, tokens) in (QUICK_SIZES if args.quick else SIZES).items():
+        chunked = measure("chunked", vocab, tokens, args.chunk_size)
+        naive = measure("naive", vocab, tokens, args.chunk_size)
+        for name, value in naive["terms"].items():
+            ours = chunked["terms"][name]
+            if abs(ours - value) > 1e-3 * max(1.0, abs(value)):
+                raise RuntimeError(f"{label}: term {name} differs: chunked {ours} vs naive {value}")
+        work_chunked = chunked["peak_mb"] - chunked["baseline_mb"]
+        work_naive = naive["peak_mb"] - naive["baseline_mb"]
+        mem_ratio, time_ratio = work_chunked / work_naive, chunked["seconds"] / naive["seconds"]
+        print(
+            f"V={vocab} N={tokens} chunk={args.chunk_size}: loss working memory {work_chunked:.0f} MB vs naive "
+            f"{work_naive:.0f} MB (ratio {mem_ratio:.3f}); peak RSS {chunked['peak_mb']:.0f} vs "
+            f"{naive['peak_mb']:.0f} MB; fwd+bwd {chunked['seconds']:.2f} s vs {naive['seconds']:.2f} s "
+            f"(ratio {time_ratio:.3f})",
+            flush=True,
+        )
+        summary[f"mem_ratio_{label}"] = round(mem_ratio, 3)
+        summary[f"time_ratio_{label}"] = round(time_ratio, 3)
+        summary[f"peak_ratio_{label}"] = round(chunked["peak_mb"] / naive["peak_mb"], 3)
+    order = ["mem_ratio_152k", "time_ratio_152k", "mem_ratio_32k", "time_ratio_32k"]
+    order += ["peak_ratio_152k", "peak_ratio_32k"]
+    print("SUMMARY " + " ".join(f"{key}={summary[key]}" for key in order))
+
+
+if __name__ == "__main__":
+    main()
