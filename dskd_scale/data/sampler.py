@@ -1,6 +1,7 @@
 """Deterministic, exactly resumable distributed micro-batch sampler.
 
-Order model. Epoch ``e`` draws one permutation of all samples from ``(seed, e)``; every rank draws the same one.
+Order model. Epoch ``e`` uses one permutation of all samples keyed by ``(seed, e)`` (``stable_permutation``: the
+same on every platform and library version); every rank computes the same one.
 The epoch is cut into *global steps* of ``G = micro_batch_size * world_size`` samples, and at step ``k`` rank ``r``
 takes the ``r``-th micro-batch of step ``k``'s samples. Ranks are therefore disjoint within an epoch and all take
 the same number of steps.
@@ -34,11 +35,41 @@ import numpy as np
 
 from dskd_scale.data.dataset import DataError
 
-__all__ = ["ResumableDistributedSampler"]
+__all__ = ["ResumableDistributedSampler", "stable_permutation"]
 
 STATE_VERSION = 1
 # Fields that fix the order of every epoch: a resume with any of them changed cannot replay the same order.
 _ORDER_FIELDS = ("num_samples", "seed", "micro_batch_size", "world_size", "shuffle", "drop_last", "group_by_length")
+
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _splitmix64_int(x: int) -> int:
+    z = (x + _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stable_permutation(n: int, *key: int) -> np.ndarray:
+    """A pseudo-random permutation of ``range(n)`` (int64) that depends only on ``key``.
+
+    Index ``i`` sorts by ``splitmix64(k + i)``, ``k`` folding ``key`` through splitmix64. This is plain integer
+    arithmetic (vectorised), so the order is the same on every platform and every numpy/torch version (numpy's
+    Generator streams are not guaranteed stable across releases): a checkpoint resumes the same order after an
+    environment upgrade.
+    """
+    seed = 0
+    for part in key:
+        seed = _splitmix64_int(seed ^ (int(part) & _MASK64))
+    # uint64 array arithmetic wraps modulo 2**64, exactly as splitmix64 needs.
+    z = np.arange(n, dtype=np.uint64) + np.uint64((seed + _GOLDEN_GAMMA) & _MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.argsort(z, kind="stable").astype(np.int64)
 
 
 class ResumableDistributedSampler:
@@ -124,26 +155,27 @@ class ResumableDistributedSampler:
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, is_repeat)``, both ``[steps, world_size, micro_batch_size]``, for ``epoch``."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+        order = (
+            stable_permutation(self.num_samples, self.seed, epoch, 0) if self.shuffle else np.arange(self.num_samples)
+        )
         used = self.micro_batches_per_epoch * self.samples_per_step
         # np.resize truncates (drop_last) or repeats cyclically from the start (padding) to exactly `used`.
         order = np.resize(order, used)
         is_repeat = np.arange(used) >= self.num_samples
         if self.group_by_length:
-            slots = self._group_by_length(order, rng)
+            slots = self._group_by_length(order, epoch)
             order, is_repeat = order[slots], is_repeat[slots]
         shape = (self.micro_batches_per_epoch, self.world_size, self.micro_batch_size)
         return order.reshape(shape), is_repeat.reshape(shape)
 
-    def _group_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _group_by_length(self, order: np.ndarray, epoch: int) -> np.ndarray:
         """A permutation of the slots of ``order`` that groups similar lengths into global steps."""
         window = self.group_window_steps * self.samples_per_step
         window_id = np.arange(order.size) // window
         # lexsort: last key is primary. Sort by window, then longest first; ties keep the permuted order.
         steps = np.lexsort((-self.lengths[order], window_id)).reshape(-1, self.samples_per_step)
         if self.shuffle:
-            steps = steps[rng.permutation(steps.shape[0])]
+            steps = steps[stable_permutation(steps.shape[0], self.seed, epoch, 1)]
         longest = int(np.argmax(self.lengths[order[steps]].max(axis=1)))
         steps[[0, longest]] = steps[[longest, 0]]
         return steps.reshape(-1)
