@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file with EvalConfig keys (flags and --set override it)")
     parser.add_argument("--model", help="Hugging Face model folder (teacher, baseline or exported student)")
+    parser.add_argument("--tokenizer", help="tokenizer folder when the model folder has none")
     parser.add_argument("--suite", help="comma list: dolly,self-inst,vicuna,sinst,uinst,gsm8k,humaneval,mbpp")
     parser.add_argument("--data-dir", help="folder with <suite>/... files (the DSKD data layout)")
     parser.add_argument("--data-path", action="append", default=[], metavar="SUITE=FILE",
@@ -57,9 +58,8 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
         overrides.append("suites=[" + ",".join(f'"{s}"' for s in _csv(args.suite)) + "]")
     if args.seeds:
         overrides.append("seeds=[" + ",".join(_csv(args.seeds)) + "]")
-    for flag, key in (("data_dir", "data_dir"), ("max_new_tokens", "max_new_tokens"), ("limit", "limit"),
-                      ("batch_size", "batch_size"), ("dtype", "dtype"), ("device", "device"), ("out", "out")):
-        value = getattr(args, flag)
+    for key in ("tokenizer", "data_dir", "max_new_tokens", "limit", "batch_size", "dtype", "device", "out"):
+        value = getattr(args, key)  # the flag's attribute name is the config key
         if value is not None:
             overrides.append(f"{key}={value}")
     for item in args.data_path:

@@ -72,6 +72,7 @@ class EvalConfig:
     """One evaluation run of one model folder over several suites."""
 
     model: str
+    tokenizer: str | None = None
     out: str = "results.json"
     suites: tuple[str, ...] = ("dolly", "self-inst", "vicuna")
     data_dir: str | None = None

@@ -102,6 +102,8 @@ def _load(path: str | Path, build: Callable[[int, str, Any], EvalExample], on_ba
 
 def _instruction(index: int, where: str, row: Any) -> EvalExample:
     _require(row, where, prompt=str, output=(str, list))
+    if not row["prompt"].strip():
+        raise DataError(f"{where}: field 'prompt' is empty")
     output = row["output"]
     if isinstance(output, list) and (not output or not all(isinstance(item, str) for item in output)):
         raise DataError(f"{where}: field 'output' must be a string or a non-empty list of strings")

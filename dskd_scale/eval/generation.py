@@ -82,6 +82,9 @@ def _finish_row(tokenizer, new_ids: list[int], eos_ids: set[int], stop_strings: 
         if token in eos_ids:
             new_ids, finish = new_ids[:position], "eos"
             break
+    else:  # a row stopped by a stop string is padded to the batch's length afterwards: do not count the padding
+        while new_ids and new_ids[-1] == tokenizer.pad_token_id:
+            new_ids = new_ids[:-1]
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     cuts = [text.find(stop) for stop in stop_strings if stop in text]
     if cuts:
@@ -115,7 +118,7 @@ def generate_batch(
         attention_BL[row, width - len(ids) :] = 1
     eos_ids = eos_token_ids(model, tokenizer)
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_ids, pad_token_id=pad_id,
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_ids or None, pad_token_id=pad_id,
         no_repeat_ngram_size=sampling.no_repeat_ngram_size or None,
         repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
     )  # fmt: skip

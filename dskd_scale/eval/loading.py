@@ -11,6 +11,7 @@ from dskd_scale.utils.logging import get_logger
 
 log = get_logger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def ensure_pad_token(tokenizer) -> str:
@@ -50,9 +51,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model_and_tokenizer(model_dir: str | Path, *, dtype: str = "auto", device: str = "auto",
-                             context: DistContext | None = None):
-    """(model in eval mode on its device, tokenizer with a pad token, notes) for a local HF model folder."""
+def load_model_and_tokenizer(model_dir: str | Path, *, tokenizer_dir: str | Path | None = None, dtype: str = "auto",
+                             device: str = "auto", context: DistContext | None = None):
+    """(model in eval mode on its device, tokenizer with a pad token, notes) for a local HF model folder.
+
+    The tokenizer is read from ``tokenizer_dir`` when given, else from the model folder.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -63,11 +67,29 @@ def load_model_and_tokenizer(model_dir: str | Path, *, dtype: str = "auto", devi
     context = context or DistContext(0, 1, 0)
     torch_device = resolve_device(device, context)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir
+    # Checked up front: given a folder without tokenizer files, AutoTokenizer may fall back to a cached tokenizer of
+    # the same model type, and the evaluation would silently use the wrong vocabulary.
+    if not any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer_dir}; "
+            "give the tokenizer folder with --tokenizer (config key 'tokenizer')"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"cannot load a tokenizer from {tokenizer_dir} ({type(err).__name__}: {str(err)[:200]}); "
+            "give the tokenizer folder with --tokenizer (config key 'tokenizer')"
+        ) from err
     pad_note = ensure_pad_token(tokenizer)
     if pad_note != "kept":
         log.info("tokenizer of %s has no pad token: %s", model_dir, pad_note)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(torch_device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load model weights from {model_dir}: {str(err)[:300]}") from err
+    model = model.to(torch_device).eval()
     notes = {"pad_token": pad_note, "dtype": str(torch_dtype).removeprefix("torch."), "device": str(torch_device)}
     return model, tokenizer, notes
 

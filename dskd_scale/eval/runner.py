@@ -9,6 +9,7 @@ new tokens; GSM8K and code decode greedily, 256 / 512 new tokens. ``max_new_toke
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,46 +49,65 @@ def _gsm8k_shots(config: EvalConfig) -> list[D.EvalExample]:
     return D.load_gsm8k(train, limit=config.gsm8k_shots).examples
 
 
-def _run_suite(config: EvalConfig, suite: str, model, tokenizer, records_dir: Path) -> tuple[dict[str, Any], list]:
-    kind = config.suite_kind(suite)
-    path = config.data_path(suite)
-    common = {
-        "max_new_tokens": config.max_new_tokens or DEFAULT_NEW_TOKENS[kind], "batch_size": config.batch_size,
-        "max_prompt_tokens": config.max_prompt_tokens, "records_dir": records_dir, "name": suite,
-    }  # fmt: skip
+@dataclass(slots=True)
+class SuiteData:
+    """A suite's examples (and few-shot examples), loaded before the model so bad data fails fast."""
+
+    name: str
+    kind: str
+    path: str
+    loaded: D.LoadedSuite
+    shots: list[D.EvalExample]
+
+
+def load_suite_data(config: EvalConfig, suite: str) -> SuiteData:
+    kind, path = config.suite_kind(suite), config.data_path(suite)
+    options = {"on_bad_row": config.on_bad_row, "limit": config.limit}
+    shots: list[D.EvalExample] = []
     if kind == "instruction":
-        loaded = D.load_instruction_suite(path, on_bad_row=config.on_bad_row, limit=config.limit)
-        result = evaluate_instruction_following(
-            model, tokenizer, loaded.examples, seeds=config.seeds, sampling=config.sampling, **common
-        )
+        loaded = D.load_instruction_suite(path, **options)
     elif kind == "math":
-        loaded = D.load_gsm8k(path, on_bad_row=config.on_bad_row, limit=config.limit)
-        result = evaluate_gsm8k(
-            model, tokenizer, loaded.examples, shots=_gsm8k_shots(config), use_chat_template=config.use_chat_template,
-            **common,
-        )  # fmt: skip
+        loaded, shots = D.load_gsm8k(path, **options), _gsm8k_shots(config)
+    elif suite == "mbpp":
+        loaded, shots = D.load_mbpp(path, **options)
+        shots = shots[: config.mbpp_shots]
     else:
-        if suite == "mbpp":
-            loaded, shots = D.load_mbpp(path, on_bad_row=config.on_bad_row, limit=config.limit)
-            shots = shots[: config.mbpp_shots]
-        else:
-            loaded, shots = D.load_humaneval(path, on_bad_row=config.on_bad_row, limit=config.limit), []
+        loaded = D.load_humaneval(path, **options)
+    return SuiteData(suite, kind, str(path), loaded, shots)
+
+
+def _run_suite(config: EvalConfig, data: SuiteData, model, tokenizer, records_dir: Path) -> dict[str, Any]:
+    common = {
+        "max_new_tokens": config.max_new_tokens or DEFAULT_NEW_TOKENS[data.kind], "batch_size": config.batch_size,
+        "max_prompt_tokens": config.max_prompt_tokens, "records_dir": records_dir, "name": data.name,
+    }  # fmt: skip
+    examples = data.loaded.examples
+    if data.kind == "instruction":
+        result = evaluate_instruction_following(
+            model, tokenizer, examples, seeds=config.seeds, sampling=config.sampling, **common
+        )
+    elif data.kind == "math":
+        result = evaluate_gsm8k(
+            model, tokenizer, examples, shots=data.shots, use_chat_template=config.use_chat_template, **common
+        )
+    else:
         execution = config.code_execution
         limits = SandboxLimits(timeout_s=execution.timeout_s, memory_bytes=execution.memory_mb * 1024**2)
         result = evaluate_code(
-            model, tokenizer, loaded.examples, task=suite, shots=shots, use_chat_template=config.use_chat_template,
+            model, tokenizer, examples, task=data.name, shots=data.shots, use_chat_template=config.use_chat_template,
             limits=limits, workers=execution.workers, **common,
         )  # fmt: skip
-    result["data"] = {"path": str(path), "sha256": file_sha256(path)}
-    return result, loaded.skipped
+    result["data"] = {"path": data.path, "sha256": file_sha256(data.path)}
+    return result
 
 
 def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     """Evaluate ``config.model`` on ``config.suites``; returns the results dict (the same on every rank)."""
     started = time.perf_counter()
     context = init_from_env()
+    suites = [load_suite_data(config, suite) for suite in config.suites]
     model, tokenizer, notes = load_model_and_tokenizer(
-        config.model, dtype=config.dtype, device=config.device, context=context
+        config.model, tokenizer_dir=config.tokenizer, dtype=config.dtype, device=config.device, context=context
     )
     records_dir = records_dir_for(config.out)
     config_dict = config_to_dict(config)
@@ -107,12 +127,12 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         "world_size": context.world_size,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    for suite in config.suites:
-        suite_result, skipped = _run_suite(config, suite, model, tokenizer, records_dir)
-        results["suites"][suite] = suite_result
-        if skipped:
-            results["skipped_rows"][suite] = skipped
-            log.warning("%s: skipped %d malformed row(s), first: %s", suite, len(skipped), skipped[0])
+    for data in suites:
+        results["suites"][data.name] = _run_suite(config, data, model, tokenizer, records_dir)
+        if data.loaded.skipped:
+            results["skipped_rows"][data.name] = data.loaded.skipped
+            log.warning("%s: skipped %d malformed row(s), first: %s", data.name, len(data.loaded.skipped),
+                        data.loaded.skipped[0])
     results["duration_s"] = round(time.perf_counter() - started, 3)
     if context.is_main:
         write_results(results, config.out)

@@ -55,7 +55,7 @@ def gpt2_tokenizer():
 
 @pytest.fixture
 def oracle(gpt2_tokenizer):
-    return lambda completions: OracleModel(gpt2_tokenizer, completions)
+    return lambda completions, tokenizer=None: OracleModel(tokenizer or gpt2_tokenizer, completions)
 
 
 @pytest.fixture(scope="session")

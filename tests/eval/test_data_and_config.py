@@ -24,6 +24,9 @@ def test_malformed_rows_raise_with_file_and_line(tmp_path):
     path = _write(tmp_path / "y.jsonl", [good, json.dumps({"prompt": "p"})])
     with pytest.raises(DataError, match=r"y\.jsonl:2: missing field 'output'"):
         load_instruction_suite(path)
+    path = _write(tmp_path / "e.jsonl", [json.dumps({"prompt": "  ", "output": "o"})])
+    with pytest.raises(DataError, match=r"e\.jsonl:1: field 'prompt' is empty"):
+        load_instruction_suite(path)
     path = _write(tmp_path / "z.jsonl", [json.dumps({"prompt": "p", "output": []})])
     with pytest.raises(DataError, match=r"z\.jsonl:1: field 'output' must be"):
         load_instruction_suite(path)

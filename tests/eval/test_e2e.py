@@ -48,8 +48,19 @@ def test_every_suite_on_tiny_gpt2(asset, tmp_path, load_tool, capsys):
 
 def test_bad_input_gives_clear_errors(asset, tmp_path, load_tool, capsys):
     evaluate = load_tool("evaluate")
-    assert evaluate.main(["--model", str(tmp_path / "missing"), "--suite", "dolly", "--data-dir", "/x"]) == 2
+    data = ["--suite", "dolly", "--data-dir", str(asset("data")), "--limit", "1", "--out", str(tmp_path / "x.json")]
+    assert evaluate.main(["--model", str(tmp_path / "missing"), *data]) == 2
     assert "model folder not found" in capsys.readouterr().err
+    # data problems surface before any model is loaded (the missing model is never reached)
+    assert evaluate.main(["--model", str(tmp_path / "missing"), "--suite", "dolly", "--data-dir", "/x"]) == 2
+    assert "data file not found: /x/dolly/valid.jsonl" in capsys.readouterr().err
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((asset("models/tiny-gpt2") / "config.json").read_text())
+    assert evaluate.main(["--model", str(no_tokenizer), *data]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
+    assert evaluate.main(["--model", str(no_tokenizer), "--tokenizer", str(asset("tokenizers/gpt2")), *data]) == 2
+    assert "cannot load model weights" in capsys.readouterr().err
     assert evaluate.main(["--model", "m", "--suite", "dolly,squad", "--data-dir", "/x"]) == 2
     assert "unknown suite 'squad'" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

@@ -93,3 +93,24 @@ def test_mbpp_few_shot_prompt_and_pass_at_1(asset, oracle):
     assert result["metrics"]["pass@1"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="task must be"):
         evaluate_code(model, model.tokenizer, suite.examples, task="apps")
+
+
+def test_chat_template_path_extracts_the_code_block(asset, oracle):
+    from transformers import AutoTokenizer
+
+    from dskd_scale.eval.loading import ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(asset("tokenizers/gpt2"))
+    ensure_pad_token(tokenizer)
+    examples = load_humaneval(asset("data/humaneval/HumanEval.jsonl.gz"), limit=2).examples
+    with pytest.raises(ValueError, match="has no chat template"):
+        evaluate_code(oracle({}, tokenizer), tokenizer, examples, task="humaneval", use_chat_template=True)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    replies = {
+        P.chat_prompt(tokenizer, P.CODE_SYSTEM_PROMPT, e.prompt): f"Sure:\n```python\n{e.prompt}{e.reference}```\nDone."
+        for e in examples
+    }
+    assert all(prompt.startswith("<system>") and prompt.endswith("<assistant>") for prompt in replies)
+    model = oracle(replies, tokenizer)
+    result = evaluate_code(model, tokenizer, examples, task="humaneval", use_chat_template=True, workers=2)
+    assert result["metrics"]["pass@1"] == pytest.approx(100.0)
