@@ -41,7 +41,7 @@ from torch import Tensor
 from dskd_scale.losses.chunked import HeadFn, eager_input_grad, recomputed_chunk, split_rows
 from dskd_scale.losses.divergences import DivergenceParams, RowDivergence, at_least_fp32, resolve_divergence
 
-__all__ = ["LOSS_TERMS", "DSKDOptions", "dskd_loss", "map_teacher_ids"]
+__all__ = ["LOSS_TERMS", "DSKDOptions", "dskd_loss", "map_teacher_ids", "predicting_rows"]
 
 LOSS_TERMS = ("ce", "kd_t2s", "ce_t2s", "kd_s2t")
 SPACES = ("both", "student", "teacher")
@@ -99,6 +99,27 @@ def map_teacher_ids(teacher_ids_N: Tensor, teacher_to_student_ids: Tensor) -> Te
     inside = teacher_ids_N < size
     looked_up = teacher_to_student_ids[teacher_ids_N.clamp(0, max(size - 1, 0))]
     return torch.where(inside, looked_up, torch.full_like(looked_up, -1))
+
+
+def predicting_rows(hidden_BLH: Tensor, batch_index_A: Tensor, token_position_A: Tensor) -> Tensor:
+    """Hidden states ``[A, H]`` at the positions that *predict* the given tokens (``position - 1``).
+
+    One vectorised gather serving both sides (``L`` = S or T, independent lengths, dynamic padding):
+    ``predicting_rows(h_BSD, align_batch, align_student)`` and ``(h_BTE, align_batch, align_teacher)``.
+    Positions must be >= 1 and < L (Contract 1); a violation raises with the offending values.
+    """
+    if batch_index_A.shape != token_position_A.shape or batch_index_A.ndim != 1:
+        raise ValueError(
+            f"batch index {tuple(batch_index_A.shape)} and positions {tuple(token_position_A.shape)} must be equal 1-D"
+        )
+    if token_position_A.numel():
+        low, high = int(token_position_A.min()), int(token_position_A.max())
+        if low < 1 or high >= hidden_BLH.shape[1]:
+            raise ValueError(
+                f"aligned positions must lie in [1, {hidden_BLH.shape[1] - 1}] for a length-{hidden_BLH.shape[1]} "
+                f"batch, got min {low} max {high}"
+            )
+    return hidden_BLH[batch_index_A.long(), token_position_A.long() - 1]
 
 
 def _s2t_chunk(

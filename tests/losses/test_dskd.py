@@ -322,3 +322,59 @@ def test_student_ce_matches_full_cross_entropy(chunk_size):
     torch.testing.assert_close(total, expected)
     for got, want in zip(ours, (hidden.grad, head.weight.grad, head.bias.grad), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_gathered_rows_independent_of_padding_and_lengths():
+    """Engine-style gather of predicting rows: same terms under any padding and with T != S; equal to the
+    same-vocabulary masked layout (labels shifted by one) when the alignment is the identity."""
+    from dskd_scale.losses import predicting_rows
+
+    setup = Setup(seed=11)
+    gen = torch.Generator().manual_seed(11)
+    response_lengths, prompt_s, prompt_t = [3, 4, 3], [2, 1, 3], [4, 2, 5]  # teacher prompts are longer
+    hidden_s = [torch.randn(p + n, D, generator=gen) for p, n in zip(prompt_s, response_lengths, strict=True)]
+    hidden_t = [torch.randn(p + n, E, generator=gen) for p, n in zip(prompt_t, response_lengths, strict=True)]
+
+    def pad(rows, length):
+        return torch.stack([F.pad(r, (0, 0, 0, length - r.shape[0]), value=7.0) for r in rows])
+
+    batch = torch.cat([torch.full((n,), b) for b, n in enumerate(response_lengths)])
+    align_s = torch.cat([torch.arange(p, p + n) for p, n in zip(prompt_s, response_lengths, strict=True)])
+    align_t = torch.cat([torch.arange(p, p + n) for p, n in zip(prompt_t, response_lengths, strict=True)])
+    results = []
+    for extra in (0, 5):
+        h_s = pad(hidden_s, max(r.shape[0] for r in hidden_s) + extra)
+        h_t = pad(hidden_t, max(r.shape[0] for r in hidden_t) + 2 * extra)
+        rows_s, rows_t = predicting_rows(h_s, batch, align_s), predicting_rows(h_t, batch, align_t)
+        results.append(_terms(setup, rows_s, rows_t))
+    # Same-vocabulary layout: shifted labels mark the response; a boolean mask selects the same rows.
+    h_s = pad(hidden_s, 8)
+    labels = torch.full((3, 8), -100)
+    for b, (p, n) in enumerate(zip(prompt_s, response_lengths, strict=True)):
+        labels[b, p : p + n] = 1
+    rows_s = h_s[:, :-1][labels[:, 1:] != -100]
+    h_t = pad(hidden_t, 10)
+    labels_t = torch.full((3, 10), -100)
+    for b, (p, n) in enumerate(zip(prompt_t, response_lengths, strict=True)):
+        labels_t[b, p : p + n] = 1
+    results.append(_terms(setup, rows_s, h_t[:, :-1][labels_t[:, 1:] != -100]))
+    for other in results[1:]:
+        for name in ("kd_t2s", "ce_t2s", "kd_s2t"):
+            torch.testing.assert_close(results[0][name], other[name])
+    with pytest.raises(ValueError, match="aligned positions must lie in"):
+        predicting_rows(h_s, batch, align_s - 2)
+
+
+def _terms(setup, rows_s, rows_t):
+    out = dskd_loss(
+        rows_s,
+        rows_t,
+        student_head=lambda h: F.linear(h, setup.student_weight.detach()),
+        student_head_frozen=lambda h: F.linear(h, setup.student_weight.detach()),
+        teacher_head=lambda h: F.linear(h, setup.teacher_weight.detach()),
+        t2s_projector=setup.projector,
+        s2t_map=setup.s2t,
+        teacher_to_student_ids=setup.id_map,
+        options=DSKDOptions(chunk_size=4),
+    )
+    return {name: value[0].detach() for name, value in out.items()}
