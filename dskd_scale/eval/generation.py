@@ -130,10 +130,18 @@ def generate_batch(
             top_k=sampling.top_k, top_p=sampling.top_p,
         )  # fmt: skip
     stopping = StoppingCriteriaList([_StopOnStrings(tokenizer, stop_strings, width)]) if stop_strings else None
-    output_BL = model.generate(
-        input_ids=input_ids_BL.to(device), attention_mask=attention_BL.to(device), generation_config=config,
-        logits_processor=processors, stopping_criteria=stopping,
-    )  # fmt: skip
+    # HF fills every field left unset here from the checkpoint's generation_config.json (repetition_penalty,
+    # no_repeat_ngram_size, suppress_tokens, stop_strings, ...). The protocol must be exactly the configured one,
+    # so the checkpoint's defaults are swapped out for the call.
+    checkpoint_defaults = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        output_BL = model.generate(
+            input_ids=input_ids_BL.to(device), attention_mask=attention_BL.to(device), generation_config=config,
+            logits_processor=processors, stopping_criteria=stopping,
+        )  # fmt: skip
+    finally:
+        model.generation_config = checkpoint_defaults
     new_rows = output_BL[:, width:].tolist()
     return [_finish_row(tokenizer, row, set(eos_ids), stop_strings) for row in new_rows]
 

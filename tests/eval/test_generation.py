@@ -53,6 +53,24 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time(tiny_gpt2):
         assert batched[row][0] == expected
 
 
+def test_checkpoint_generation_defaults_do_not_leak_into_the_protocol(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    prompt_ids, _ = encode_prompts(tokenizer, PROMPTS, 512)
+    clean = generate_batch(model, tokenizer, prompt_ids, [0, 1, 2], sampling=GREEDY, seed=0, max_new_tokens=12)
+    saved = model.generation_config
+    model.generation_config = type(saved).from_dict({**saved.to_dict(), "repetition_penalty": 50.0,
+                                                     "no_repeat_ngram_size": 1, "do_sample": True})  # fmt: skip
+    try:
+        leaked = generate_batch(model, tokenizer, prompt_ids, [0, 1, 2], sampling=GREEDY, seed=0, max_new_tokens=12)
+        hf_default = model.generate(torch.tensor([prompt_ids[0]]), max_new_tokens=12, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    finally:
+        model.generation_config = saved
+    assert leaked == clean
+    # the bait is real: plain HF generate does apply the checkpoint's penalties
+    assert tokenizer.decode(hf_default[0, len(prompt_ids[0]):], skip_special_tokens=True) != clean[0][0]
+
+
 def test_sampling_does_not_depend_on_batch_size_but_on_seed(tiny_gpt2):
     model, tokenizer = tiny_gpt2
     sampling = SamplingConfig()
