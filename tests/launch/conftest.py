@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from launch_support import PORT_BASE, ROOT, SLURM_UNAVAILABLE, SlurmCluster, run_env
+from launch_support import PORT_BASE, ROOT, SLURM_UNAVAILABLE, VENV_PYTHON, DemoData, SlurmCluster, run_env
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +26,22 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         yield SlurmCluster(directory, run_env(SLURM_CONF=str(directory / "slurm.conf")))
     finally:
         subprocess.run([str(ROOT / "launch/local_slurm/slurm_down.sh"), "--dir", str(directory)], timeout=120)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
+    """Demo tokenizers and data (tools/make_demo_assets.py) prealigned by one process (tools/prealign.py)."""
+    root = tmp_path_factory.mktemp("demo")
+    assets = root / "assets"
+    make = subprocess.run([str(VENV_PYTHON), str(ROOT / "tools/make_demo_assets.py"), "--out", str(assets),
+                           "--train", "160", "--valid", "8", "--test", "8"],
+                          env=run_env(), capture_output=True, text=True, timeout=180)
+    assert make.returncode == 0, make.stderr[-3000:]
+    prealign_args = ("--teacher-tokenizer", str(assets / "teacher_tokenizer"), "--student-tokenizer",
+                     str(assets / "student_tokenizer"), "--data", str(assets / "train.jsonl"), "--max-length", "128",
+                     "--num-shards", "4", "--workers", "1")
+    prealigned = root / "prealigned"
+    single = subprocess.run([str(VENV_PYTHON), str(ROOT / "tools/prealign.py"), *prealign_args,
+                             "--out", str(prealigned)], env=run_env(), capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return DemoData(assets, prealigned, prealign_args)

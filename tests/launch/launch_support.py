@@ -7,6 +7,7 @@ rendezvous ports handed out by ``free_port`` from 29610-29639.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -84,3 +85,31 @@ class SlurmCluster:
 
 def read_log(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"<{path} does not exist>"
+
+
+TINY_CONFIG = ROOT / "configs" / "tests" / "tiny_dskd_eta.yaml"
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """Generated demo tokenizers + jsonl and their single-process prealignment (the training data)."""
+
+    assets: Path
+    prealigned: Path
+    prealign_args: tuple[str, ...]
+
+
+def train_overrides(demo: DemoData, output_dir: Path, *, steps: int) -> list[str]:
+    """Dotted overrides that point the tiny CPU config at the demo data; a loss line every step, no export."""
+    return [f"output_dir={output_dir}", f"teacher.tokenizer={demo.assets / 'teacher_tokenizer'}",
+            f"student.tokenizer={demo.assets / 'student_tokenizer'}", f"data.train_dir={demo.prealigned}",
+            f"optim.max_steps={steps}", "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false",
+            "checkpoint.every_steps=0", "checkpoint.export_at_end=false"]
+
+
+def logged_losses(log_text: str) -> dict[int, str]:
+    """step -> ``train/loss`` from launch/train.py's rank-0 log; a step logged twice must agree."""
+    seen: dict[int, str] = {}
+    for step, loss in re.findall(r"dskd_scale\.loop: step (\d+) .*?train/loss=(\S+)", log_text):
+        assert seen.setdefault(int(step), loss) == loss, f"step {step} logged twice with different losses"
+    return seen
