@@ -90,7 +90,7 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
         agreement_mask: this step's t2s agreement-mask switch (``use_t2s_agreement_mask``).
         batch: the micro-batch itself (the sequence-level baselines need it).
     """
-    student_head = engines.student_head()
+    student_head = engines.trainable_student_head()
     criterion = kd.criterion
     if criterion == "sft":
         hidden_ND = student_hidden_BSD[rows.label_batch_N, rows.label_pos_N]
@@ -100,10 +100,9 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
     teacher_AE = teacher_hidden_BTE[rows.align_batch_A, rows.align_teacher_A]
     if criterion in _DSKD:
         fused = rows.fused_ce
-        snapshot = engines.student_snapshot
         terms = dskd_loss(
             student_AD, teacher_AE,
-            student_head=student_head, student_head_frozen=snapshot.frozen_head(),
+            student_head=student_head, student_head_frozen=engines.student_head.frozen_head(),
             teacher_head=engines.teacher_head, t2s_projector=engines.student_module.t2s_projector,
             s2t_map=engines.s2t_map, teacher_to_student_ids=engines.teacher_to_student_ids,
             options=dskd_options(kd, agreement_mask=agreement_mask),

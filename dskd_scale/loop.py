@@ -10,11 +10,14 @@ gradient norm and skips on every rank (no optimizer or scheduler update); the lo
 
 from __future__ import annotations
 
+import json
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dskd_scale.config.loader import config_to_dict
@@ -43,6 +46,13 @@ class LoopState:
     agreement_rows: float = 0.0
 
 
+def seeded_rng_state(seed: int) -> dict:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return ckpt.rng_state()
+
+
 def _endless(loader) -> Iterator[dict[str, torch.Tensor]]:
     while True:
         yield from loader
@@ -61,8 +71,6 @@ def _teacher_hidden(setup: Setup, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def _save(setup: Setup, state: LoopState, sampler_state: dict) -> None:
-    import json
-
     import yaml
 
     tag_dir = setup.checkpoint_dir / ckpt.step_tag(state.step)
@@ -98,8 +106,7 @@ def evaluate(setup: Setup, max_batches: int) -> dict[str, float]:
     loader = setup.eval_loader
     loader.sampler.set_epoch(0)
     engines.student.eval()
-    if engines.student_snapshot is not None:
-        engines.student_snapshot.refresh()
+    engines.student_head.refresh()
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(loader):
         if max_batches and index >= max_batches:
@@ -115,6 +122,7 @@ def evaluate(setup: Setup, max_batches: int) -> dict[str, float]:
             for suffix, value in (("sum", value_sum), ("count", count)):
                 sums[f"{name}/{suffix}"] = sums.get(f"{name}/{suffix}", 0) + value.detach().double()
     engines.student.train()
+    engines.student_head.drop_leaves()
     names = sorted(sums)
     packed = all_reduce_sum(torch.stack([sums[n].to(device()) for n in names])).cpu() if names else []
     reduced = dict(zip(names, packed, strict=True))
@@ -130,6 +138,8 @@ def _log(setup: Setup, window: MetricWindow, state: LoopState, writer, bar) -> N
     values["train/skipped_steps"] = state.skipped_steps
     values["train/nonfinite_losses"] = state.nonfinite_losses
     if is_rank_zero():
+        with open(setup.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": state.step, **values}) + "\n")
         for name, value in values.items():
             if writer is not None:
                 writer.add_scalar(name, value, state.step)
@@ -139,6 +149,22 @@ def _log(setup: Setup, window: MetricWindow, state: LoopState, writer, bar) -> N
         log.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
 
 
+def _report_teacher(setup: Setup) -> None:
+    """Log (and write to teacher_state.json) that the teacher stayed frozen and partitioned on this rank."""
+    teacher = setup.engines.teacher
+    if teacher is None:
+        return
+    params = list(teacher.module.parameters())
+    report = {"rank": setup.rank,
+              "params_with_grad": sum(p.grad is not None for p in params),
+              "params_requiring_grad": sum(p.requires_grad for p in params),
+              "local_elements": sum(p.numel() for p in params),
+              "full_elements": sum(int(getattr(p, "ds_numel", p.numel())) for p in params)}
+    log.info("teacher state: %s", report)
+    with open(setup.output_dir / f"teacher_state_rank{setup.rank}.json", "w") as handle:
+        json.dump(report, handle)
+
+
 def train(setup: Setup) -> int:
     """Run to ``setup.total_steps``; returns the process exit status (0, or 75 after a stop signal)."""
     cfg, engines = setup.cfg, setup.engines
@@ -146,6 +172,8 @@ def train(setup: Setup) -> int:
     alpha, spaces = combine_alpha(kd), kd_spaces(kd)
     stop = StopSignal().install()
     state = LoopState()
+    # Dropout and any sampling draw from these; a resume replaces them with the checkpoint's states.
+    ckpt.set_rng_state(seeded_rng_state(cfg.seed + setup.rank))
     _resume(setup, state)
     writer = bar = None
     if is_rank_zero():
@@ -182,8 +210,7 @@ def train(setup: Setup) -> int:
                 return EXIT_REQUEUE
             global_counts = dict(zip(names, packed[: len(names)], strict=True))
             agreement_mask = use_t2s_agreement_mask(packed[-2], packed[-1], kd.t2s_agreement_threshold)
-            if engines.student_snapshot is not None:
-                engines.student_snapshot.refresh()
+            engines.student_head.refresh()
             teacher_seconds, agreement_hits, step_tokens = 0.0, 0.0, 0
             for batch, row in zip(micro, rows, strict=True):
                 teacher_start = time.perf_counter()
@@ -234,6 +261,8 @@ def train(setup: Setup) -> int:
                 values = evaluate(setup, cfg.log.eval_max_batches)
                 if is_rank_zero():
                     log.info("eval at step %d: %s", state.step, values)
+                    with open(setup.output_dir / "metrics.jsonl", "a") as handle:
+                        handle.write(json.dumps({"step": state.step, **values}) + "\n")
                     if writer is not None:
                         for name, value in values.items():
                             writer.add_scalar(name, value, state.step)
@@ -241,6 +270,7 @@ def train(setup: Setup) -> int:
                 _save(setup, state, setup.train_loader.state_dict())
         if cfg.checkpoint.export_at_end:
             export_student(engines, setup.output_dir / "export")
+        _report_teacher(setup)
         return 0
     finally:
         stop.restore()

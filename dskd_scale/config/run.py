@@ -126,8 +126,6 @@ class KDConfig:
     projector_init_file: str = ""
     # "pinv": closed-form s2t map rebuilt each step; "learned": a trainable linear map.
     s2t_map: str = "pinv"
-    # Teacher head for s2t logits: "gathered" (one frozen full copy per rank) or "module" (ZeRO-3 hooks).
-    teacher_head: str = "gathered"
     chunk_size: int = 1024
 
     def problems(self) -> list[str]:
@@ -146,8 +144,6 @@ class KDConfig:
             problems.append("kd.projector_init_file is empty but kd.projector_init is 'file'")
         if self.s2t_map not in ("pinv", "learned"):
             problems.append(f"kd.s2t_map must be pinv or learned, got {self.s2t_map!r}")
-        if self.teacher_head not in ("gathered", "module"):
-            problems.append(f"kd.teacher_head must be gathered or module, got {self.teacher_head!r}")
         if self.chunk_size <= 0:
             problems.append(f"kd.chunk_size must be > 0, got {self.chunk_size}")
         return problems
@@ -205,8 +201,12 @@ class EngineConfig:
 
     def problems(self) -> list[str]:
         problems = []
-        if self.zero_stage not in (0, 1, 2, 3):
-            problems.append(f"engine.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in (0, 1, 3):
+            problems.append(f"engine.zero_stage must be 0, 1 or 3, got {self.zero_stage} (ZeRO-2 is not wired to the "
+                            "student-head gradient routing; ZeRO-3 partitions more anyway)")
+        if self.precision != "fp32" and self.zero_stage != 3:
+            problems.append(f"engine.precision={self.precision} needs engine.zero_stage=3 (below it DeepSpeed's "
+                            "BF16/FP16 optimizer consumes gradients before the head gradient is routed)")
         if self.precision not in PRECISIONS:
             problems.append(f"engine.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for key in ("offload_optimizer", "offload_param", "teacher_offload_param"):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from dskd_scale.config.run import EngineConfig, KDConfig, ModelConfig, OptimConfig
 from dskd_scale.engine.distributed import device, rank, world_size
 from dskd_scale.engine.ds_config import student_ds_config, teacher_ds_config, torch_dtype
-from dskd_scale.engine.heads import StudentHeadSnapshot, full_copy, gathered, linear_head, module_head
+from dskd_scale.engine.heads import StudentHead, full_copy, gathered, linear_head
 from dskd_scale.models.build import (
     apply_lora,
     build_causal_lm,
@@ -48,31 +48,38 @@ class Engines:
     student_ds_config: dict
     teacher_ds_config: dict | None
     teacher_head: Any | None = None  # callable h_NE -> logits_NW (frozen)
-    student_snapshot: StudentHeadSnapshot | None = None
+    student_head: StudentHead | None = None
     s2t_map: Any | None = None  # PinvS2TMap or LearnedS2TMap (a module of the student engine) or None
     teacher_to_student_ids: Tensor | None = None  # [W] int64, -1 where no student token
     keepalive: list = field(default_factory=list)
-    deferred_grads: list = field(default_factory=list)
 
     @property
     def student_module(self) -> DistillStudent:
         return self.student.module
 
     def backward(self, loss: Tensor) -> None:
-        """``engine.backward`` plus the one reduction of the student head's gradient (see ``defer_head_gradient``)."""
-        self.student.backward(loss)
-        if self.deferred_grads:
-            optimizer = self.student.optimizer
-            for param in self.deferred_grads:
-                if param.grad is not None:
-                    param.ds_grad_is_ready = True
-                    optimizer.reduce_ready_partitions_and_remove_grads(param)
-                    param.ds_grad_is_ready = False
-            optimizer.independent_gradient_partition_epilogue()
+        """``engine.backward``, then the head gradient is routed to its parameter and reduced once.
 
-    def student_head(self):
-        """Trainable head callable (module call: ZeRO-3 gathers it and its gradient is reduced)."""
-        return module_head(self.student.module.head)
+        ZeRO-3: the parameter's hook was told to wait (``ds_grad_is_ready=False``), so its gradient is reduced
+        here, after the routed leaf gradients were added. ZeRO-0/1: DeepSpeed's post-backward all-reduce is
+        switched off at build time and run here, after the routing.
+        """
+        engine = self.student
+        engine.backward(loss)
+        routed = self.student_head.route_gradients()
+        param = self.student_head.parameter
+        if engine.zero_optimization_partition_gradients():
+            if routed or param.grad is not None:
+                param.ds_grad_is_ready = True
+                engine.optimizer.reduce_ready_partitions_and_remove_grads(param)
+                param.ds_grad_is_ready = False
+            engine.optimizer.overlapping_partition_gradients_reduce_epilogue()
+        else:
+            engine.allreduce_gradients()
+
+    def trainable_student_head(self):
+        """This micro-batch's trainable head callable (a leaf of the step's gathered copy)."""
+        return self.student_head.trainable_head()
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int, base_lr: float):
@@ -117,17 +124,15 @@ def param_groups(module: DistillStudent, optim: OptimConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def defer_head_gradient(weight: nn.Parameter) -> list[nn.Parameter]:
+def defer_head_gradient(weight: nn.Parameter) -> None:
     """Make ZeRO-3 reduce the student head's gradient once per backward instead of once per use.
 
-    The chunked losses call the head once per token chunk (and again in the backward recomputation),
-    and a tied head is also the input embedding, so its gradient-accumulation hook fires many times per
-    backward; ZeRO-3 would reduce a partial gradient each time (and refuse the same parameter twice in
-    one bucket). With ``ds_grad_is_ready = False`` (DeepSpeed's switch for tiled computations) the hook
-    leaves the gradient to accumulate in ``.grad``; ``Engines.backward`` then reduces it once.
+    A tied head is also the input embedding, whose module call accumulates into the same ``.grad``, and the
+    routed chunk gradients arrive after the backward; ZeRO would otherwise reduce a partial gradient. With
+    ``ds_grad_is_ready = False`` (DeepSpeed's switch for tiled computations) the hook leaves the gradient
+    to accumulate in ``.grad``; ``Engines.backward`` then reduces it once.
     """
     weight.ds_grad_is_ready = False
-    return [weight]
 
 
 def _broadcast_from_rank0(tensor: Tensor) -> Tensor:
@@ -237,16 +242,16 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
         teacher_engine.eval()
         engines.teacher = teacher_engine
         teacher_head_module = teacher_engine.module.head
-        engines.teacher_head = (linear_head(full_copy(teacher_head_module.weight)) if kd.teacher_head == "gathered"
-                                else module_head(teacher_head_module))
+        engines.teacher_head = linear_head(full_copy(teacher_head_module.weight))
     if s2t_map is not None:
         s2t_map.to(device())
     engines.s2t_map = s2t_map if s2t_map is not None else student_engine.module.s2t_projector
     engines.teacher_to_student_ids = None if teacher_to_student is None else teacher_to_student.to(device())
-    if engine_cfg.zero_stage == 3:
-        engines.deferred_grads = defer_head_gradient(student_engine.module.head.weight)
-    if needs_projectors:
-        engines.student_snapshot = StudentHeadSnapshot(student_engine.module.head, s2t_map, keep_frozen_copy=True)
+    engines.student_head = StudentHead(student_engine.module.head, s2t_map)
+    if student_engine.zero_optimization_partition_gradients():
+        defer_head_gradient(student_engine.module.head.weight)
+    else:
+        student_engine.enable_backward_allreduce = False  # Engines.backward all-reduces after routing
     log.info("engines built: student %s, teacher %s, ZeRO-%d, %s", type(student).__name__,
              type(teacher).__name__ if teacher is not None else "none", engine_cfg.zero_stage, engine_cfg.precision)
     return engines

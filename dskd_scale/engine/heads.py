@@ -1,11 +1,16 @@
 """LM heads under ZeRO-3: every read of a partitioned weight happens inside a gather.
 
-- Teacher head: frozen, so it is gathered ONCE at start-up into a full copy (``kd.teacher_head=gathered``),
-  or applied through its module, whose ZeRO-3 hooks gather it per call (``module``: no resident copy).
-- Student head: it changes every optimizer step. ``StudentHeadSnapshot.refresh`` gathers it once per step
-  and, inside that one gather, takes the frozen copy used for t2s logits (``sg(W_s)``) and rebuilds the
-  closed-form s2t map ``Q = pinv(W_t^O) sg(W_s^O)``. Trainable uses of the head (student CE and KD) call
-  the module, so its gradient flows through DeepSpeed's hooks.
+- Teacher head: frozen, gathered ONCE at start-up into a full copy.
+- Student head: it changes every optimizer step. ``StudentHead.refresh`` gathers it once per step (one
+  collective, the same on every rank) and, inside that gather, takes the full copy, rebuilds the
+  closed-form s2t map ``Q = pinv(W_t^O) sg(W_s^O)`` and keeps ``sg(W_s)`` for t2s logits.
+
+Why the trainable uses of the head do not call the module: the chunked losses call the head once per
+token chunk (and again in the backward recomputation), and the number of chunks depends on each rank's
+data. A ZeRO-3 module call is a collective (all-gather), so ranks would issue different numbers of them and
+deadlock. Instead each micro-batch's trainable head is a leaf view of this step's gathered copy
+(``trainable_head``); after the backward, ``route_gradients`` adds the leaves' gradients to the real
+parameter's ``.grad`` and the engine reduces it once (``Engines.backward``).
 """
 
 from __future__ import annotations
@@ -43,36 +48,71 @@ def linear_head(weight_VD: Tensor) -> Head:
     return lambda hidden_ND: F.linear(hidden_ND.to(frozen.dtype), frozen)
 
 
-def module_head(module: nn.Module) -> Head:
-    """A head callable through the module (ZeRO-3 hooks gather the weight for each call)."""
-    return lambda hidden_ND: module(hidden_ND.to(next(iter(module.parameters())).dtype))
-
-
-class StudentHeadSnapshot:
-    """Per-step frozen view of the student head: ``sg(W_s)`` for t2s logits and the rebuilt s2t map.
+class StudentHead:
+    """Per-step view of the student head: gathered copy, frozen head, trainable leaves, s2t map rebuild.
 
     Args:
         head: the student's LM head module (partitioned under ZeRO-3).
         s2t_map: a ``PinvS2TMap`` to rebuild each step, or None.
-        keep_frozen_copy: keep ``sg(W_s)`` for the t2s path (DSKD criteria).
     """
 
-    def __init__(self, head: nn.Module, s2t_map=None, *, keep_frozen_copy: bool):
+    def __init__(self, head: nn.Module, s2t_map=None):
         self.head_module = head
         self.s2t_map = s2t_map
-        self.keep_frozen_copy = keep_frozen_copy
-        self.frozen_weight_VD: Tensor | None = None
+        self.weight_VD: Tensor | None = None
+        self._leaves: list[Tensor] = []
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        return self.head_module.weight
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Gather the head once (all ranks, collective) and derive this step's frozen quantities."""
+        """Gather the head once (all ranks, collective) and derive this step's quantities."""
         weight = self.head_module.weight
         with gathered([weight]):
             if self.s2t_map is not None:
                 self.s2t_map.rebuild(weight.detach())
-            self.frozen_weight_VD = weight.detach().clone() if self.keep_frozen_copy else None
+            self.weight_VD = weight.detach().clone()
+
+    def _weight(self) -> Tensor:
+        if self.weight_VD is None:
+            raise RuntimeError("StudentHead.refresh() must run (on all ranks) before the head is used")
+        return self.weight_VD
 
     def frozen_head(self) -> Head:
-        if self.frozen_weight_VD is None:
-            raise RuntimeError("StudentHeadSnapshot.refresh() must run (on all ranks) before the frozen head is used")
-        return linear_head(self.frozen_weight_VD)
+        """``sg(W_s)``: gradient flows to the input only."""
+        return linear_head(self._weight())
+
+    def trainable_head(self) -> Head:
+        """A head whose weight gradient is collected in a leaf and later routed to the parameter."""
+        leaf = self._weight().detach().requires_grad_(True)
+        self._leaves.append(leaf)
+        return lambda hidden_ND: F.linear(hidden_ND.to(leaf.dtype), leaf)
+
+    def drop_leaves(self) -> None:
+        """Forget this step's leaves without routing (after an evaluation forward)."""
+        self._leaves.clear()
+
+    @torch.no_grad()
+    def route_gradients(self) -> bool:
+        """Add the leaves' gradients into the parameter's full-shape ``.grad``; True if there was any."""
+        total = None
+        for leaf in self._leaves:
+            if leaf.grad is not None:
+                total = leaf.grad if total is None else total + leaf.grad
+        self._leaves.clear()
+        if total is None:
+            return False
+        param = self.head_module.weight
+        if param.grad is not None:
+            param.grad.add_(total.to(param.grad.dtype))
+            return True
+        full_shape = tuple(getattr(param, "ds_shape", param.shape))
+        data = param.data
+        # A partitioned parameter's data is empty; the grad setter checks shapes, so present a zero-stride
+        # full-shape view for the assignment only (no memory), then restore the partition.
+        param.data = torch.empty(1, dtype=data.dtype, device=data.device).expand(full_shape)
+        param.grad = total.to(data.dtype)
+        param.data = data
+        return True
