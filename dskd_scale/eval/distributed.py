@@ -28,12 +28,26 @@ class DistContext:
         return self.rank == 0
 
 
+def _adopt_slurm_env() -> None:
+    """Under plain ``srun`` (one task per rank, no torchrun) take RANK/WORLD_SIZE/LOCAL_RANK from SLURM.
+
+    Only when the job script exported MASTER_ADDR/MASTER_PORT: without a rendezvous address there is nothing
+    to join, and guessing one would hang.
+    """
+    if "WORLD_SIZE" in os.environ or "SLURM_NTASKS" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
 def init_from_env() -> DistContext:
-    """Join the process group a launcher (torchrun, deepspeed, srun with RANK/WORLD_SIZE set) describes.
+    """Join the process group a launcher describes (torchrun, the deepspeed launcher, or srun with MASTER_ADDR).
 
     A single process with no launcher variables gets rank 0 of 1 and no process group. NCCL is used when CUDA is
     available, gloo otherwise.
     """
+    _adopt_slurm_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and not dist.is_initialized():

@@ -128,7 +128,9 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     for data in suites:
+        suite_started = time.perf_counter()
         results["suites"][data.name] = _run_suite(config, data, model, tokenizer, records_dir)
+        results["suites"][data.name]["duration_s"] = round(time.perf_counter() - suite_started, 3)
         if data.loaded.skipped:
             results["skipped_rows"][data.name] = data.loaded.skipped
             log.warning("%s: skipped %d malformed row(s), first: %s", data.name, len(data.loaded.skipped),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -127,3 +129,19 @@ def test_pad_token_is_set_safely(gpt2_tokenizer):
 def test_batches_are_planned_globally_and_dealt_round_robin():
     batches = plan_batches([3, 9, 1, 9, 5], 2)
     assert batches == [[1, 3], [4, 0], [2]]
+
+
+def test_plain_srun_tasks_become_ranks_only_with_a_rendezvous_address(monkeypatch):
+    from dskd_scale.eval.distributed import _adopt_slurm_env
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    _adopt_slurm_env()
+    assert "WORLD_SIZE" not in os.environ  # no MASTER_ADDR: stay a single process
+    monkeypatch.setenv("MASTER_ADDR", "node01")
+    _adopt_slurm_env()
+    env = os.environ
+    assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"]) == ("4", "3", "1")
