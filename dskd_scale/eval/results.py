@@ -2,8 +2,9 @@
 
 Layout (``format`` = ``dskd_scale.eval_results``, ``format_version`` = 1)::
 
-    model:   {path, config_sha256, dtype, device, pad_token}
+    model:   {path, config_sha256, weights (file sizes), dtype, device, pad_token}
     config:  the resolved EvalConfig;  config_sha256: hash of it (canonical JSON)
+    protocol_sha256: hash of the config without model/out/device/batching: equal means comparable numbers
     suites:  {name: {kind, metrics, runs, num_examples, decoding, generation, [sandbox]}}
     skipped_rows: {name: ["file:line: reason", ...]};  records_dir: per-example JSONL folder
     world_size, started, duration_s
@@ -133,6 +134,8 @@ def comparability_notes(results_list: Sequence[Mapping[str, Any]], labels: Seque
     notes = []
     first = results_list[0]
     for label, results in zip(labels[1:], results_list[1:], strict=True):
+        if results.get("protocol_sha256") != first.get("protocol_sha256"):
+            notes.append(f"{label} was evaluated under a different protocol (config) than {labels[0]}")
         for name, suite in results["suites"].items():
             reference = first["suites"].get(name)
             if reference is None:

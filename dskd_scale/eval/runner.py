@@ -35,6 +35,17 @@ log = get_logger(__name__)
 DEFAULT_NEW_TOKENS = {"instruction": 256, "math": 256, "code": 512}
 
 
+# Settings that say which model runs where, not how it is evaluated (keyed sampling makes batching irrelevant).
+_NOT_PROTOCOL = ("model", "tokenizer", "out", "device", "batch_size")
+
+
+def protocol_of(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that defines the evaluation protocol (equal hash = comparable numbers)."""
+    protocol = {k: v for k, v in config_dict.items() if k not in _NOT_PROTOCOL}
+    protocol["code_execution"] = {k: v for k, v in config_dict["code_execution"].items() if k != "workers"}
+    return protocol
+
+
 def records_dir_for(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(f"{out.stem}_records")
@@ -117,10 +128,13 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         "model": {
             "path": str(Path(config.model).resolve()),
             "config_sha256": file_sha256(Path(config.model) / "config.json"),
+            "weights": {p.name: p.stat().st_size for p in sorted(Path(config.model).glob("*.safetensors"))}
+            or {p.name: p.stat().st_size for p in sorted(Path(config.model).glob("*.bin"))},
             **notes,
         },
         "config": config_dict,
         "config_sha256": sha256_of_json(config_dict),
+        "protocol_sha256": sha256_of_json(protocol_of(config_dict)),
         "suites": {},
         "skipped_rows": {},
         "records_dir": str(records_dir),

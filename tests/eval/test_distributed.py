@@ -31,6 +31,7 @@ def test_two_processes_equal_one_process(asset, tmp_path, load_tool):
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["protocol_sha256"] == two["protocol_sha256"] and one["config_sha256"] != two["config_sha256"]
     for suite in ("dolly", "humaneval"):
         assert one["suites"][suite]["metrics"] == two["suites"][suite]["metrics"]
         per_rank = two["suites"][suite]["generation"]["examples_per_rank"]

@@ -23,6 +23,8 @@ def test_every_suite_on_tiny_gpt2(asset, tmp_path, load_tool, capsys):
     assert code == 0
     results = json.loads(out.read_text())
     assert results["format"] == "dskd_scale.eval_results" and len(results["config_sha256"]) == 64
+    assert len(results["protocol_sha256"]) == 64 and results["model"]["weights"] == {"model.safetensors": (
+        asset("models/tiny-gpt2") / "model.safetensors").stat().st_size}
     assert results["model"]["path"].endswith("tiny-gpt2") and results["model"]["pad_token"].startswith("set to eos")
     assert list(results["suites"]) == SUITES
     headline = {"dolly": "rougeL", "self-inst": "rougeL", "vicuna": "rougeL", "gsm8k": "accuracy",

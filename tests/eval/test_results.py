@@ -37,7 +37,10 @@ def test_compare_table_shows_deltas_against_the_first(tmp_path, capsys, load_too
     sft, dskd = _results(20.0, 10.0, 50.0), _results(23.5, 11.0, 40.0, seeds=(10,))
     table = compare_table([sft, dskd], ["SFT", "DSKD"])
     assert "+3.50" in table and "-10.00" in table and "avg(dolly,vicuna)" in table and "+2.25" in table
-    assert any("different decoding" in n for n in comparability_notes([sft, dskd], ["SFT", "DSKD"]))
+    notes = comparability_notes([sft, dskd], ["SFT", "DSKD"])
+    assert any("different decoding" in n for n in notes) and not any("protocol" in n for n in notes)
+    dskd["protocol_sha256"] = "other"
+    assert any("different protocol" in n for n in comparability_notes([sft, dskd], ["SFT", "DSKD"]))
     write_results(sft, tmp_path / "sft" / "results.json")
     write_results(dskd, tmp_path / "dskd" / "results.json")
     assert compare_main([str(tmp_path / "sft" / "results.json"), str(tmp_path / "dskd" / "results.json")]) == 0
