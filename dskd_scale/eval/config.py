@@ -82,6 +82,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     max_prompt_tokens: int | None = None
     limit: int | None = None
+    suite_limits: dict[str, int] = field(default_factory=dict)
     batch_size: int = 8
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -111,6 +112,11 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 when set, got {value}")
+        for suite, value in self.suite_limits.items():
+            if suite not in self.suites:
+                problems.append(f"suite_limits.{suite} names a suite that is not in suites {list(self.suites)}")
+            elif value < 1:
+                problems.append(f"suite_limits.{suite} must be >= 1, got {value}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.gsm8k_shots < 0 or self.mbpp_shots < 0:
@@ -122,6 +128,10 @@ class EvalConfig:
         if suite in self.data_paths:
             return self.data_paths[suite]
         return f"{self.data_dir}/{KNOWN_SUITES[suite]}"
+
+    def limit_for(self, suite: str) -> int | None:
+        """How many examples of ``suite`` to evaluate (``suite_limits`` first, then ``limit``; None = all)."""
+        return self.suite_limits.get(suite, self.limit)
 
     def suite_kind(self, suite: str) -> str:
         if suite in MATH_SUITES:

@@ -73,7 +73,7 @@ class SuiteData:
 
 def load_suite_data(config: EvalConfig, suite: str) -> SuiteData:
     kind, path = config.suite_kind(suite), config.data_path(suite)
-    options = {"on_bad_row": config.on_bad_row, "limit": config.limit}
+    options = {"on_bad_row": config.on_bad_row, "limit": config.limit_for(suite)}
     shots: list[D.EvalExample] = []
     if kind == "instruction":
         loaded = D.load_instruction_suite(path, **options)

@@ -68,7 +68,11 @@ def test_config_errors_name_the_key():
         assert expected in message
     config = build_config(EvalConfig, {"model": "m", "suites": ["mine"], "data_paths": {"mine": "/d/mine.jsonl"}})
     assert config.suite_kind("mine") == "instruction" and config.data_path("mine") == "/d/mine.jsonl"
-    assert build_config(EvalConfig, {"model": "m", "data_dir": "/d"}).data_path("dolly") == "/d/dolly/valid.jsonl"
+    config = build_config(EvalConfig, {"model": "m", "data_dir": "/d", "limit": 5, "suite_limits": {"vicuna": 2}})
+    assert config.data_path("dolly") == "/d/dolly/valid.jsonl"
+    assert (config.limit_for("dolly"), config.limit_for("vicuna")) == (5, 2)
+    with pytest.raises(ConfigError, match="suite_limits.gsm8k names a suite that is not in suites"):
+        build_config(EvalConfig, {"model": "m", "data_dir": "/d", "suite_limits": {"gsm8k": 2}})
 
 
 def test_every_eval_yaml_loads_and_validates(project_root, tmp_path):
