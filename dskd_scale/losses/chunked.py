@@ -4,10 +4,10 @@ Shape legend: ``N`` rows, ``C`` rows of one chunk, ``D`` hidden size, ``V`` voca
 
 Two autograd Functions, one per kind of head:
 
-- ``recomputed_chunk``: for terms whose head *trains* (the student head). The forward runs the chunk
-  without building a graph; the backward re-runs it with grad enabled and backpropagates through it
-  (the reentrant-checkpoint pattern). Parameters reached through the head callable get their ``.grad``
-  from that inner backward, so a ZeRO-3 module call works: its hooks gather the weight in both runs.
+- ``recomputed_chunk``: for terms whose head *trains* (the student head). Non-reentrant activation
+  checkpointing per chunk: the forward keeps none of the chunk's activations, the backward re-runs the
+  chunk and backpropagates through it inside the same autograd graph. A ZeRO-3 module call works: its
+  hooks gather the weight in both runs, and its gradient hook fires once with the sum over chunks.
 - ``eager_input_grad``: for terms whose head is *frozen* (teacher head, frozen copy of the student head).
   The forward computes the chunk loss and, immediately, its gradient w.r.t. the head *input* ``[C, D]``,
   then frees the logits; the backward only scales that stored gradient. No recomputation, and only a
@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["HeadFn", "chunked_head_loss", "eager_input_grad", "recomputed_chunk", "split_rows"]
 
@@ -53,68 +54,39 @@ def split_rows(tensors: Sequence[Tensor | None], chunk_size: int) -> list[list[T
     return [[p[k] if p is not None else None for p in pieces] for k in range(num_chunks)]
 
 
-def _grad_inputs(inputs: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """Detached copies of the inputs; those that required grad become fresh leaves that do again."""
-    prepared = []
-    for value in inputs:
-        if isinstance(value, Tensor):
-            leaf = value.detach()
-            leaf.requires_grad_(value.requires_grad)
-            prepared.append(leaf)
-        else:
-            prepared.append(value)
-    return prepared
-
-
-class _RecomputedChunk(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fn: ChunkFn, first_pass_fn: ChunkFn | None, num_losses: int, *inputs: Tensor | None):
-        ctx.fn = fn
-        ctx.num_losses = num_losses
-        ctx.save_for_backward(*[value if isinstance(value, Tensor) else None for value in inputs])
-        ctx.input_is_tensor = [isinstance(value, Tensor) for value in inputs]
-        ctx.non_tensor_inputs = [None if isinstance(value, Tensor) else value for value in inputs]
-        with torch.no_grad():
-            outputs = [out.detach() for out in (first_pass_fn or fn)(*inputs)]
-        ctx.mark_non_differentiable(*outputs[num_losses:])
-        return tuple(outputs)
-
-    @staticmethod
-    def backward(ctx, *grad_outputs: Tensor):
-        saved = ctx.saved_tensors
-        inputs = [
-            saved[i] if is_tensor else ctx.non_tensor_inputs[i] for i, is_tensor in enumerate(ctx.input_is_tensor)
-        ]
-        leaves = _grad_inputs(inputs)
-        with torch.enable_grad():
-            losses = ctx.fn(*leaves)[: ctx.num_losses]
-        pairs = [(loss, grad) for loss, grad in zip(losses, grad_outputs, strict=False) if loss.requires_grad]
-        if pairs:
-            torch.autograd.backward([loss for loss, _ in pairs], [grad for _, grad in pairs])
-        input_grads = [leaf.grad if isinstance(leaf, Tensor) and leaf.requires_grad else None for leaf in leaves]
-        return (None, None, None, *input_grads)
-
-
 def recomputed_chunk(
     fn: ChunkFn, *inputs: Tensor | None, first_pass_fn: ChunkFn | None = None, num_losses: int = 1
 ) -> tuple[Tensor, ...]:
-    """Run ``fn(*inputs) -> (*loss_sums, *stats)`` without keeping its graph; recompute it in the backward.
+    """Run ``fn(*inputs) -> (*loss_sums, *stats)`` without keeping its activations; recompute in the backward.
+
+    Built on ``torch.utils.checkpoint`` in non-reentrant mode: the recomputed ops join the ONE autograd
+    graph, so a parameter used by every chunk (the student head) receives a single summed gradient. That
+    is what ZeRO-3 needs (its per-parameter gradient hook must fire once per backward; a reentrant
+    recompute would fire it once per chunk and trip its bucket assertion).
 
     Args:
-        fn: returns ``num_losses`` scalar differentiable sums followed by any number of non-differentiable
-            stats (counts, hits).
-        inputs: tensors (or ``None``); gradients flow to those that require grad, and to parameters
-            ``fn`` reaches through closures (e.g. a head module), during the recomputation. The outer
-            backward must be ``.backward()`` (as DeepSpeed's is), not ``torch.autograd.grad``, because
-            parameter gradients are accumulated into ``.grad`` by the inner backward.
-        first_pass_fn: optional replacement for the no-grad forward run that may reuse values the caller
-            already holds (e.g. target logits computed for another term); it must return what ``fn`` would.
-        num_losses: how many leading outputs carry gradient.
+        fn: returns ``num_losses`` scalar differentiable sums followed by non-differentiable stats.
+        inputs: tensors (or ``None``); gradients flow to those that require grad and to parameters ``fn``
+            reaches through closures (e.g. a head module, whose ZeRO-3 hooks gather it in both runs).
+        first_pass_fn: optional replacement for the first (forward) run that may reuse values the caller
+            already holds (e.g. target logits computed for another term); it must compute what ``fn``
+            computes, with the same autograd-saved tensors, so the recomputation matches.
+        num_losses: how many leading outputs carry gradient (documentation of the contract).
 
     Returns:
-        the outputs of ``fn``, detached; only the first ``num_losses`` carry gradient.
+        the outputs of ``fn``; the stats are detached.
     """
-    return _RecomputedChunk.apply(fn, first_pass_fn, num_losses, *inputs)
+    pending_first = [first_pass_fn] if first_pass_fn is not None else []
+
+    def run(*args: Tensor | None) -> tuple[Tensor, ...]:
+        chosen = pending_first.pop() if pending_first else fn
+        return tuple(chosen(*args))
+
+    if not torch.is_grad_enabled():
+        outputs = run(*inputs)
+    else:
+        outputs = checkpoint(run, *inputs, use_reentrant=False)
+    return (*outputs[:num_losses], *[stat.detach() for stat in outputs[num_losses:]])
 
 
 class _EagerInputGrad(torch.autograd.Function):
