@@ -24,13 +24,12 @@ def _humaneval_rows(asset, count):
 def test_canonical_humaneval_solutions_pass_and_wrong_ones_fail(asset):
     examples = load_humaneval(asset("data/humaneval/HumanEval.jsonl.gz"), limit=20).examples
     canonical = [humaneval_program(e, e.reference) for e in examples]
-    wrong_return = [humaneval_program(e, "    return None\n") for e in examples]
+    wrong_return = [humaneval_program(e, "    return None\n") for e in examples[::2]]
     # the next task's solution: a plausible body that solves the wrong problem
-    swapped = [humaneval_program(e, examples[(i + 1) % 20].reference) for i, e in enumerate(examples)]
+    swapped = [humaneval_program(e, examples[(i + 1) % 20].reference) for i, e in enumerate(examples) if i % 2]
     results = run_programs(canonical + wrong_return + swapped, FAST, workers=2)
     assert [r.status for r in results[:20]] == ["passed"] * 20, [r.detail for r in results[:20]]
-    assert all(r.status == "failed" for r in results[20:40])
-    assert all(r.status == "failed" for r in results[40:])
+    assert [r.status for r in results[20:]] == ["failed"] * 20
 
 
 def test_canonical_mbpp_solutions_pass(asset):
