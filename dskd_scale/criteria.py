@@ -15,18 +15,20 @@ rows ``h_s[align_batch, align_student-1]`` and ``h_t[align_batch, align_teacher-
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dskd_scale.config.run import KDConfig
-from dskd_scale.losses import DSKDOptions, data_counts, dskd_loss, student_ce
+from dskd_scale.losses import DSKDOptions, baselines, combine_terms, data_counts, dskd_loss, student_ce
 
 IGNORE_INDEX = -100
 # Loss terms combine_terms reads per criterion (besides "ce"), and the KD "spaces" argument it takes.
-_DSKD = ("dskd", "dskd_eta", "dskd_cma")
+_DSKD_V2 = ("dskd", "dskd_eta")
 
 
 @dataclass
@@ -66,9 +68,11 @@ def batch_rows(batch: dict[str, Tensor]) -> Rows:
     )
 
 
-def local_counts(rows: Rows) -> dict[str, Tensor | int]:
+def local_counts(kd: KDConfig, rows: Rows, batch: dict[str, Tensor]) -> dict[str, Tensor | int]:
     """This micro-batch's denominators (all known before any forward); summed over ranks and the GA window."""
-    return data_counts(int(rows.labels_N.numel()), int(rows.align_batch_A.numel()))
+    if kd.criterion in _DSKD_V2:
+        return data_counts(int(rows.labels_N.numel()), int(rows.align_batch_A.numel()))
+    return baselines.local_counts(kd.criterion, batch)
 
 
 def dskd_options(kd: KDConfig, *, agreement_mask: bool) -> DSKDOptions:
@@ -92,13 +96,13 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
     """
     student_head = engines.trainable_student_head()
     criterion = kd.criterion
-    if criterion == "sft":
+    if criterion == "sft":  # B2's sft_loss is the same student_ce call
         hidden_ND = student_hidden_BSD[rows.label_batch_N, rows.label_pos_N]
         return {"ce": student_ce(hidden_ND, rows.labels_N, student_head, chunk_size=kd.chunk_size)}
 
     student_AD = student_hidden_BSD[rows.align_batch_A, rows.align_student_A]
     teacher_AE = teacher_hidden_BTE[rows.align_batch_A, rows.align_teacher_A]
-    if criterion in _DSKD:
+    if criterion in _DSKD_V2:
         fused = rows.fused_ce
         terms = dskd_loss(
             student_AD, teacher_AE,
@@ -111,19 +115,37 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
             hidden_ND = student_hidden_BSD[rows.label_batch_N, rows.label_pos_N]
             terms["ce"] = student_ce(hidden_ND, rows.labels_N, student_head, chunk_size=kd.chunk_size)
         return terms
-    from dskd_scale.losses import baselines
-
+    resources = engines.baseline_resources
+    if criterion == "dskd_cma":  # this step's frozen student head and index embeddings
+        embedding = engines.student_head.embedding_VF
+        resources = dataclasses.replace(resources, student_head_frozen=engines.student_head.frozen_head(),
+                                        cma_projectors=engines.student_module.cma_projectors,
+                                        student_embed=lambda ids: F.embedding(ids, embedding))
     return baselines.criterion_terms(
         criterion, kd=kd, rows=rows, student_hidden_BSD=student_hidden_BSD, teacher_hidden_BTE=teacher_hidden_BTE,
         student_AD=student_AD, teacher_AE=teacher_AE, student_head=student_head, teacher_head=engines.teacher_head,
-        batch=batch)
+        batch=batch, resources=resources)
 
 
-def kd_spaces(kd: KDConfig) -> str:
-    """The ``spaces`` argument of ``combine_terms`` for this criterion."""
-    return "both"
+def combine(kd: KDConfig, terms: dict[str, tuple[Tensor, Tensor]], global_counts: dict[str, float], *,
+            world_size: int, grad_accum_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The scalar to backpropagate: ``(1-a)·CE + a·sum(KD terms)``, each term over its GLOBAL count.
 
-
-def combine_alpha(kd: KDConfig) -> float:
-    """``sft`` trains on CE alone whatever ``kd.alpha`` says."""
-    return 0.0 if kd.criterion == "sft" else kd.alpha
+    DSKD v2 uses ``combine_terms`` as is. The baselines name their KD terms differently (``kd``), which
+    ``combine_terms`` does not know, so their KD terms are passed under alpha through the same function by
+    combining CE alone (alpha=0) and adding ``alpha`` times the KD means with the same rank/GA compensation.
+    """
+    alpha = 0.0 if kd.criterion == "sft" else kd.alpha
+    if kd.criterion in _DSKD_V2:
+        return combine_terms(terms, global_counts, alpha=alpha, world_size=world_size,
+                             grad_accum_steps=grad_accum_steps)
+    loss, metrics = combine_terms(terms, global_counts, alpha=0.0, world_size=world_size,
+                                  grad_accum_steps=grad_accum_steps)
+    loss = loss * (1.0 - alpha)
+    total = metrics["loss"] * (1.0 - alpha)
+    for name in baselines.KD_TERMS[kd.criterion]:
+        mean = terms[name][0].float() / max(float(global_counts[name]), 1.0)
+        loss = loss + alpha * mean * (world_size * grad_accum_steps)
+        total = total + alpha * mean.detach()
+    metrics["loss"] = total
+    return loss, metrics

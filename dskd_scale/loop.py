@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from dskd_scale.config.loader import config_to_dict
-from dskd_scale.criteria import batch_rows, combine_alpha, compute_terms, kd_spaces, local_counts
+from dskd_scale.criteria import batch_rows, combine, compute_terms, local_counts
 from dskd_scale.engine import checkpoint as ckpt
 from dskd_scale.engine.distributed import all_reduce_sum, device
 from dskd_scale.engine.export import export_student
 from dskd_scale.engine.signals import EXIT_REQUEUE, StopSignal
-from dskd_scale.losses import combine_terms, use_t2s_agreement_mask
+from dskd_scale.losses import use_t2s_agreement_mask
 from dskd_scale.metrics import MetricWindow, memory_bytes
 from dskd_scale.train_setup import Setup
 from dskd_scale.utils.logging import get_logger, is_rank_zero
@@ -128,8 +128,7 @@ def evaluate(setup: Setup, max_batches: int) -> dict[str, float]:
     reduced = dict(zip(names, packed, strict=True))
     terms_total = {n[:-4]: (reduced[n], reduced[n[:-4] + "/count"]) for n in names if n.endswith("/sum")}
     counts = {name: count for name, (_, count) in terms_total.items()}
-    _, metrics = combine_terms(terms_total, counts, alpha=combine_alpha(kd), world_size=1, grad_accum_steps=1,
-                               spaces=kd_spaces(kd))
+    _, metrics = combine(kd, terms_total, counts, world_size=1, grad_accum_steps=1)
     return {f"eval/{name}": float(value) for name, value in metrics.items()}
 
 
@@ -169,7 +168,6 @@ def train(setup: Setup) -> int:
     """Run to ``setup.total_steps``; returns the process exit status (0, or 75 after a stop signal)."""
     cfg, engines = setup.cfg, setup.engines
     kd, ga = cfg.kd, cfg.optim.grad_accum
-    alpha, spaces = combine_alpha(kd), kd_spaces(kd)
     stop = StopSignal().install()
     state = LoopState()
     # Dropout and any sampling draw from these; a resume replaces them with the checkpoint's states.
@@ -195,8 +193,8 @@ def train(setup: Setup) -> int:
             micro = [_to_device(next(batches)) for _ in range(ga)]
             rows = [batch_rows(batch) for batch in micro]
             counts: dict[str, float] = {}
-            for row in rows:
-                for name, value in local_counts(row).items():
+            for row, batch in zip(rows, micro, strict=True):
+                for name, value in local_counts(kd, row, batch).items():
                     counts[name] = counts.get(name, 0) + float(value)
             names = sorted(counts)
             # One collective per step: global denominators, the stop decision and last step's agreement.
@@ -219,8 +217,7 @@ def train(setup: Setup) -> int:
                 student_hidden, _ = engines.student(batch["student_input_ids"], batch["student_attention_mask"])
                 terms = compute_terms(kd, row, student_hidden, teacher_hidden, engines,
                                       agreement_mask=agreement_mask, batch=batch)
-                loss, metrics = combine_terms(terms, global_counts, alpha=alpha, world_size=setup.world_size,
-                                              grad_accum_steps=ga, spaces=spaces)
+                loss, metrics = combine(kd, terms, global_counts, world_size=setup.world_size, grad_accum_steps=ga)
                 if not bool(torch.isfinite(loss)):
                     state.nonfinite_losses += 1  # local; DeepSpeed skips the step on all ranks
                 engines.backward(loss)

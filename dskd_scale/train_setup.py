@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dskd_scale.config.loader import save_config
-from dskd_scale.config.run import PROJECTOR_CRITERIA, RunConfig
+from dskd_scale.config.run import DSKD_V2_CRITERIA, RunConfig
 from dskd_scale.data import format as shard_format
 from dskd_scale.data.dataset import DataError, PrealignedDataset
 from dskd_scale.data.loader import TrainLoader, build_train_loader
@@ -90,7 +90,7 @@ def setup_run(cfg: RunConfig) -> Setup:
         student_cfg=cfg.student, teacher_cfg=cfg.teacher if cfg.needs_teacher else None, kd=cfg.kd,
         optim=cfg.optim, engine_cfg=cfg.engine, micro_batch_size=cfg.data.micro_batch_size,
         total_steps=total_steps, vocab_map=train_set.vocab_map,
-        needs_projectors=cfg.kd.criterion in PROJECTOR_CRITERIA,
+        needs_projectors=cfg.kd.criterion in DSKD_V2_CRITERIA,
         student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer)
     if is_rank_zero():
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ CRITERIA = ("sft", "vanilla_kd", "dskd", "dskd_eta", "dskd_cma", "uld", "mined")
 # Criteria that need the teacher at all, and those that need the t2s projector / s2t map.
 TEACHER_CRITERIA = frozenset(CRITERIA) - {"sft"}
 PROJECTOR_CRITERIA = frozenset({"dskd", "dskd_eta", "dskd_cma"})
+DSKD_V2_CRITERIA = frozenset({"dskd", "dskd_eta"})  # t2s projector + s2t map (pinv initialised)
 DIVERGENCES = (
     "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "adaptive_kl", "total_variation",
 )
@@ -127,6 +128,8 @@ class KDConfig:
     # "pinv": closed-form s2t map rebuilt each step; "learned": a trainable linear map.
     s2t_map: str = "pinv"
     chunk_size: int = 1024
+    # MinED vocabulary map (tools/build_mined_map.py output), for kd.criterion=mined.
+    mined_map: str = ""
 
     def problems(self) -> list[str]:
         problems = []
@@ -146,6 +149,8 @@ class KDConfig:
             problems.append(f"kd.s2t_map must be pinv or learned, got {self.s2t_map!r}")
         if self.chunk_size <= 0:
             problems.append(f"kd.chunk_size must be > 0, got {self.chunk_size}")
+        if self.criterion == "mined" and not self.mined_map:
+            problems.append("kd.mined_map is empty: kd.criterion=mined needs a map from tools/build_mined_map.py")
         return problems
 
 

@@ -25,6 +25,7 @@ from dskd_scale.engine.heads import StudentHead, full_copy, gathered, linear_hea
 from dskd_scale.models.build import (
     apply_lora,
     build_causal_lm,
+    causal_lm_of,
     head_of,
     hidden_size_of,
     load_tokenizer,
@@ -51,6 +52,7 @@ class Engines:
     student_head: StudentHead | None = None
     s2t_map: Any | None = None  # PinvS2TMap or LearnedS2TMap (a module of the student engine) or None
     teacher_to_student_ids: Tensor | None = None  # [W] int64, -1 where no student token
+    baseline_resources: Any | None = None  # losses.baselines.BaselineResources (vanilla_kd, uld, mined, dskd_cma)
     keepalive: list = field(default_factory=list)
 
     @property
@@ -110,7 +112,7 @@ def param_groups(module: DistillStudent, optim: OptimConfig) -> list[dict]:
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if name.startswith(("t2s_projector.", "s2t_projector.")):
+        if name.startswith(("t2s_projector.", "s2t_projector.", "cma_projectors.")):
             projector.append(param)
         elif no_decay(name, param):
             plain.append(param)
@@ -184,6 +186,23 @@ def _init_projectors(kd: KDConfig, student: nn.Module, teacher: nn.Module, t2s: 
     return s2t_map
 
 
+def _baseline_resources(kd: KDConfig, student_tokenizer, teacher_tokenizer, teacher_engine):
+    """Tokenizer lengths, the MinED map, and a frozen teacher input-embedding copy for CMA."""
+    import torch.nn.functional as F
+
+    from dskd_scale.losses.baselines import BaselineResources
+
+    resources = BaselineResources(student_vocab_size=len(student_tokenizer), teacher_vocab_size=len(teacher_tokenizer))
+    if kd.criterion == "mined":
+        from dskd_scale.alignment.mined import load_mined_map
+
+        resources.mined = load_mined_map(kd.mined_map)[0]
+    if kd.criterion == "dskd_cma":
+        embedding = full_copy(causal_lm_of(teacher_engine.module.teacher).get_input_embeddings().weight)
+        resources.teacher_embed = lambda ids: F.embedding(ids, embedding)
+    return resources
+
+
 def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, kd: KDConfig, optim: OptimConfig,
                   engine_cfg: EngineConfig, micro_batch_size: int, total_steps: int,
                   vocab_map: dict[str, np.ndarray] | None, needs_projectors: bool,
@@ -228,7 +247,17 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
     if teacher is not None and vocab_map is not None:
         teacher_to_student = torch.as_tensor(vocab_map["teacher_to_student"], dtype=torch.long)
 
-    module = DistillStudent(student, t2s, s2t_learned)
+    cma = None
+    if kd.criterion == "dskd_cma":
+        from dskd_scale.losses.baselines import build_cma_projectors
+
+        cma = build_cma_projectors(hidden_size_of(student), hidden_size_of(teacher),
+                                   causal_lm_of(student).get_input_embeddings().embedding_dim,
+                                   causal_lm_of(teacher).get_input_embeddings().embedding_dim)
+        for layer in cma.values():  # identical initial weights on every rank
+            for param in layer.parameters():
+                _broadcast_from_rank0(param.data)
+    module = DistillStudent(student, t2s, s2t_learned, cma)
     groups = param_groups(module, optim)
     lambdas = [lr_lambda(optim, total_steps, group["lr"]) for group in groups]
     student_engine, _, _, _ = deepspeed.initialize(
@@ -247,7 +276,11 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
         s2t_map.to(device())
     engines.s2t_map = s2t_map if s2t_map is not None else student_engine.module.s2t_projector
     engines.teacher_to_student_ids = None if teacher_to_student is None else teacher_to_student.to(device())
-    engines.student_head = StudentHead(student_engine.module.head, s2t_map)
+    engines.student_head = StudentHead(
+        student_engine.module.head, s2t_map,
+        input_embedding=causal_lm_of(student).get_input_embeddings() if kd.criterion == "dskd_cma" else None)
+    if teacher is not None and kd.criterion not in ("dskd", "dskd_eta"):
+        engines.baseline_resources = _baseline_resources(kd, student_tokenizer, teacher_tokenizer, engines.teacher)
     if student_engine.zero_optimization_partition_gradients():
         defer_head_gradient(student_engine.module.head.weight)
     else:

@@ -56,11 +56,14 @@ class StudentHead:
         s2t_map: a ``PinvS2TMap`` to rebuild each step, or None.
     """
 
-    def __init__(self, head: nn.Module, s2t_map=None):
+    def __init__(self, head: nn.Module, s2t_map=None, *, input_embedding: nn.Module | None = None):
         self.head_module = head
         self.s2t_map = s2t_map
         self.weight_VD: Tensor | None = None
         self._leaves: list[Tensor] = []
+        # Frozen input-embedding rows for the CMA baseline's index embeddings (same gather; shared when tied).
+        self.input_embedding = input_embedding
+        self.embedding_VF: Tensor | None = None
 
     @property
     def parameter(self) -> nn.Parameter:
@@ -70,10 +73,14 @@ class StudentHead:
     def refresh(self) -> None:
         """Gather the head once (all ranks, collective) and derive this step's quantities."""
         weight = self.head_module.weight
-        with gathered([weight]):
+        embedding = None if self.input_embedding is None else self.input_embedding.weight
+        tied = embedding is weight
+        with gathered([weight] if embedding is None or tied else [weight, embedding]):
             if self.s2t_map is not None:
                 self.s2t_map.rebuild(weight.detach())
             self.weight_VD = weight.detach().clone()
+            if embedding is not None:
+                self.embedding_VF = self.weight_VD if tied else embedding.detach().clone()
 
     def _weight(self) -> Tensor:
         if self.weight_VD is None:

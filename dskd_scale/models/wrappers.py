@@ -20,14 +20,16 @@ class DistillStudent(nn.Module):
         student: the HF causal LM (possibly a peft LoRA model).
         t2s_projector: teacher -> student hidden map ``[E] -> [D]`` (DSKD criteria), else None.
         s2t_projector: learned student -> teacher map (``kd.s2t_map=learned``), else None.
+        cma_projectors: the DSKD-CMA baseline's query/t2s/s2t projectors, else None.
     """
 
     def __init__(self, student: nn.Module, t2s_projector: nn.Module | None = None,
-                 s2t_projector: nn.Module | None = None):
+                 s2t_projector: nn.Module | None = None, cma_projectors: nn.Module | None = None):
         super().__init__()
         self.student = student
         self.t2s_projector = t2s_projector
         self.s2t_projector = s2t_projector
+        self.cma_projectors = cma_projectors
 
     @property
     def head(self) -> nn.Module:
