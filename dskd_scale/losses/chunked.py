@@ -2,7 +2,7 @@
 
 Shape legend: ``N`` rows, ``C`` rows of one chunk, ``D`` hidden size, ``V`` vocabulary.
 
-Two autograd Functions, one per kind of head:
+Two drivers, one per kind of head:
 
 - ``recomputed_chunk``: for terms whose head *trains* (the student head). Non-reentrant activation
   checkpointing per chunk: the forward keeps none of the chunk's activations, the backward re-runs the

@@ -72,7 +72,7 @@ def _masked_std(values_BLX: Tensor, mask_BL: Tensor) -> Tensor:
     picked = values_BLX[mask_BL]
     if picked.numel() < 2:
         return values_BLX.new_ones(())
-    return picked.float().std().clamp_min(1e-6)
+    return at_least_fp32(picked).std().clamp_min(1e-6)
 
 
 def cma_row_counts(student_labels_BS: Tensor, teacher_labels_BT: Tensor, ignore_index: int = -100) -> tuple[int, int]:
@@ -107,31 +107,33 @@ def cma_attention(
     student_mask = student_mask & both[:, None]
     teacher_mask = teacher_mask & both[:, None]
     h_s = student_hidden_BSD[:, :-1]
+    dtype_of = {name: next(projectors[name].parameters()).dtype for name in CMA_PROJECTORS}
     with torch.no_grad():  # the teacher side and all index embeddings are constants
-        h_t = teacher_hidden_BTE[:, :-1].float()
-        student_index = torch.cat([student_embed(student_x), student_embed(student_y)], -1).float()
-        teacher_y_emb = teacher_embed(teacher_y).float()
-        teacher_index = torch.cat([teacher_embed(teacher_x), teacher_y_emb], -1)
+        h_t = at_least_fp32(teacher_hidden_BTE[:, :-1])
+        student_index = torch.cat([student_embed(student_x), student_embed(student_y)], -1)
+        teacher_y_emb = at_least_fp32(teacher_embed(teacher_y))
+        teacher_index = torch.cat([at_least_fp32(teacher_embed(teacher_x)), teacher_y_emb], -1)
         keys = teacher_index / _masked_std(teacher_index, teacher_mask)
         teacher_value_in = h_t / _masked_std(h_t, teacher_mask) + teacher_y_emb / _masked_std(
             teacher_y_emb, teacher_mask
         )
         # Padding must not reach the maths at all (not even as 0 * NaN): zero every masked row.
         keys = torch.where(teacher_mask[..., None], keys, 0.0)
-        teacher_value_in = torch.where(teacher_mask[..., None], teacher_value_in, 0.0)
-        student_index = torch.where(student_mask[..., None], student_index, 0.0)
-    queries = projectors["query"](student_index).float()
-    scores = queries @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
+        teacher_value_in = torch.where(teacher_mask[..., None], teacher_value_in, 0.0).to(dtype_of["t2s"])
+        student_index = torch.where(student_mask[..., None], student_index, 0.0).to(dtype_of["query"])
+    # Attention maths in at least fp32; each projector runs in its own (engine-chosen) dtype.
+    queries = at_least_fp32(projectors["query"](student_index))
+    scores = queries @ keys.to(queries.dtype).transpose(1, 2) / math.sqrt(keys.shape[-1])
     pair_mask = student_mask[:, :, None] & teacher_mask[:, None, :]
     scores = scores.masked_fill(~pair_mask, torch.finfo(scores.dtype).min)
     # A row with a valid key gives masked keys exp(min - max) = 0 exactly; a row without one becomes all zero.
     t2s_weights = torch.softmax(scores, dim=2) * pair_mask
     s2t_weights = torch.softmax(scores, dim=1) * pair_mask
-    teacher_values = torch.where(teacher_mask[..., None], projectors["t2s"](teacher_value_in).float(), 0.0)
-    student_values = projectors["s2t"](torch.where(student_mask[..., None], h_s, 0.0)).float()
-    student_values = torch.where(student_mask[..., None], student_values, 0.0)
-    t2s_hidden = t2s_weights @ teacher_values  # [B, S, D]
-    s2t_hidden = s2t_weights.transpose(1, 2) @ student_values  # [B, T, E]
+    teacher_values = torch.where(teacher_mask[..., None], at_least_fp32(projectors["t2s"](teacher_value_in)), 0.0)
+    student_in = torch.where(student_mask[..., None], h_s, 0.0).to(dtype_of["s2t"])
+    student_values = torch.where(student_mask[..., None], at_least_fp32(projectors["s2t"](student_in)), 0.0)
+    t2s_hidden = t2s_weights.to(teacher_values.dtype) @ teacher_values  # [B, S, D]
+    s2t_hidden = s2t_weights.transpose(1, 2).to(student_values.dtype) @ student_values  # [B, T, E]
     return {
         "student_hidden_ND": h_s[student_mask],
         "t2s_hidden_ND": t2s_hidden[student_mask].to(h_s.dtype),
