@@ -13,7 +13,7 @@ Engine recipe, per optimizer step (names from this package and ``dskd_scale.proj
         terms = dskd_loss(h_s, h_t, ..., options=replace(options, agreement_mask=mask))
         terms["ce"] = student_ce(h_labelled, labels, student_head, chunk_size=...)  # or student_labels_A=
         loss, metrics = combine_terms(terms, counts, alpha=..., world_size=dp, grad_accum_steps=ga)
-        engine.backward(loss)                          # .backward(), not autograd.grad (checkpointing)
+        engine.backward(loss)
 """
 
 from dskd_scale.losses.ce import student_ce
