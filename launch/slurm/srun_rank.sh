@@ -8,4 +8,6 @@ set -euo pipefail
 export RANK=${SLURM_PROCID:?not inside a SLURM step} WORLD_SIZE=${SLURM_NTASKS:?not inside a SLURM step}
 export LOCAL_RANK=${SLURM_LOCALID:?}
 export NODE_RANK=${SLURM_NODEID:?}
+echo "[srun_rank] rank $RANK of $WORLD_SIZE (local rank $LOCAL_RANK) on node ${SLURMD_NODENAME:-?}," \
+  "rendezvous $MASTER_ADDR:$MASTER_PORT"
 exec "${PYTHON:-python3}" -u "$@"
