@@ -157,8 +157,13 @@ def _report_teacher(setup: Setup) -> None:
     report = {"rank": setup.rank,
               "params_with_grad": sum(p.grad is not None for p in params),
               "params_requiring_grad": sum(p.requires_grad for p in params),
+              # materialised now on this rank (ZeRO-3 keeps params under stage3_param_persistence_threshold whole)
               "local_elements": sum(p.numel() for p in params),
               "full_elements": sum(int(getattr(p, "ds_numel", p.numel())) for p in params)}
+    largest = max(params, key=lambda p: int(getattr(p, "ds_numel", p.numel())))
+    report["largest_param_local_elements"] = largest.numel()
+    report["largest_param_partition_elements"] = int(getattr(largest, "ds_tensor", largest).numel())
+    report["largest_param_full_elements"] = int(getattr(largest, "ds_numel", largest.numel()))
     log.info("teacher state: %s", report)
     with open(setup.output_dir / f"teacher_state_rank{setup.rank}.json", "w") as handle:
         json.dump(report, handle)
