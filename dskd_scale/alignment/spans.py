@@ -19,6 +19,7 @@ and are never alignable. All work is vectorised numpy over the tokens of one tex
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,14 +89,15 @@ def _piece_spans_from_bytes(
     table: TokenTable, ids: np.ndarray, piece_bytes: bytes, byte_offset: int, index: _TextIndex
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Spans of the content tokens ``ids`` that tile ``piece_bytes``, or None when their bytes do not match."""
-    lengths = table.byte_lengths[ids].copy()
+    lengths = table.byte_lengths[ids]  # fancy indexing: already a copy
     joined = b"".join(table.bytes_array[ids].tolist())
     if joined != piece_bytes:
         # SentencePiece inserts one dummy '▁' before the first token of a piece; it stands for no text
         if not (len(joined) == len(piece_bytes) + 1 and joined[:1] == b" " and joined[1:] == piece_bytes):
             return None
         lengths[int(np.argmax(lengths > 0))] -= 1
-    byte_ends = byte_offset + np.cumsum(lengths)
+    byte_ends = np.cumsum(lengths)
+    byte_ends += byte_offset
     byte_starts = byte_ends - lengths
     starts, ends, whole = index.to_chars(byte_starts, byte_ends)
     return starts, ends, whole & (lengths > 0)
@@ -122,48 +124,105 @@ def _piece_spans_verified(
     return starts, ends, verified
 
 
+OffsetsAt = Callable[[np.ndarray], np.ndarray]  # token positions int [k] -> their char offsets int64 [k, 2]
+
+
+def _offsets_from_sequence(offsets: Sequence) -> OffsetsAt:
+    materialised: list[np.ndarray] = []
+
+    def offsets_at(positions: np.ndarray) -> np.ndarray:
+        if not materialised:
+            materialised.append(np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
+        return materialised[0][positions]
+
+    return offsets_at
+
+
+def _offsets_from_encoding(encoding: Any) -> OffsetsAt:
+    """Reading ``Encoding.offsets`` builds a Python tuple per token; a few positions are read one by one."""
+
+    def offsets_at(positions: np.ndarray) -> np.ndarray:
+        if positions.size > 16:
+            return np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)[positions]
+        chars = [encoding.token_to_chars(position) for position in positions.tolist()]
+        return np.asarray([(0, 0) if span is None else span for span in chars], dtype=np.int64).reshape(-1, 2)
+
+    return offsets_at
+
+
 def spans_from_encoding(
-    tokenizer: Any, text: str, ids: np.ndarray, offsets: np.ndarray, *, name: str = "tokenizer"
+    tokenizer: Any, text: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]], *, name: str = "tokenizer"
 ) -> TokenSpans:
     """Normalised spans for an existing encoding of ``text``: ``ids`` int [n], ``offsets`` int [n, 2] (chars)."""
-    table = token_table(tokenizer, name)
+    if len(offsets) != len(ids):
+        raise ValueError(f"{name}: {len(ids)} ids but {len(offsets)} offsets")
+    return _spans(token_table(tokenizer, name), text, ids, _offsets_from_sequence(offsets), name)
+
+
+def _spans(table: TokenTable, text: str, ids: Sequence[int], offsets_at: OffsetsAt, name: str) -> TokenSpans:
+    """Core of ``spans_from_encoding``; offsets are read only for special tokens and fallback pieces."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    if offsets.shape[0] != ids.shape[0]:
-        raise ValueError(f"{name}: {ids.shape[0]} ids but {offsets.shape[0]} offsets")
     if ids.size and (ids.min() < 0 or ids.max() >= table.vocab_size):
         raise ValueError(f"{name}: token ids outside [0, {table.vocab_size}) for text {text[:60]!r}")
     text_bytes = text.encode("utf-8")
     index = _TextIndex(text, text_bytes)
-    starts, ends = offsets[:, 0].copy(), offsets[:, 1].copy()
-    whole = np.zeros(ids.shape[0], dtype=bool)
-
     is_special = table.byte_lengths[ids] < 0
+    if not is_special.any():  # the common case: one piece, no special token, no offsets needed
+        spans = _piece_spans_from_bytes(table, ids, text_bytes, 0, index)
+        if spans is not None:
+            starts, ends, alignable = spans
+            return TokenSpans(ids, starts, ends, alignable, index.num_chars, table.fingerprint)
+    starts = np.zeros(ids.shape[0], dtype=np.int64)
+    ends = np.zeros(ids.shape[0], dtype=np.int64)
+    whole = np.zeros(ids.shape[0], dtype=bool)
+    special_positions = np.flatnonzero(is_special)
+    if special_positions.size:  # specials keep their offsets: empty when added, the literal when spelled out
+        special_offsets = offsets_at(special_positions)
+        starts[special_positions], ends[special_positions] = special_offsets[:, 0], special_offsets[:, 1]
     consuming_special = is_special & (ends > starts)  # a special token spelled out in the text splits it
     content = np.flatnonzero(~is_special)
-    piece_of_content = np.cumsum(consuming_special)[content]
-    special_positions = np.flatnonzero(consuming_special)
-    piece_char_starts = np.concatenate([[0], ends[special_positions]])
-    piece_char_ends = np.concatenate([starts[special_positions], [index.num_chars]])
-    bounds = np.searchsorted(piece_of_content, np.arange(piece_char_starts.size + 1))
-    for piece in range(piece_char_starts.size):  # one iteration per special-delimited piece, not per token
-        members = content[bounds[piece] : bounds[piece + 1]]
-        if members.size == 0:
-            continue
-        byte_start, byte_end = index.to_bytes(np.array([piece_char_starts[piece], piece_char_ends[piece]]))
-        spans = _piece_spans_from_bytes(table, ids[members], text_bytes[byte_start:byte_end], int(byte_start), index)
+    used_fallback = False
+    for members, byte_start, byte_end in _pieces(content, consuming_special, starts, ends, index, len(text_bytes)):
+        spans = _piece_spans_from_bytes(table, ids[members], text_bytes[byte_start:byte_end], byte_start, index)
         if spans is None:
-            spans = _piece_spans_verified(table, ids[members], offsets[members], text_bytes, index)
+            spans = _piece_spans_verified(table, ids[members], offsets_at(members), text_bytes, index)
+            used_fallback = True
         starts[members], ends[members], whole[members] = spans
 
+    # byte-tiled pieces never overlap; verified tokenizer offsets may (a dummy '▁' claiming character 0)
+    alignable = whole & _covers_alone(starts, ends) if used_fallback else whole
     return TokenSpans(
         ids=ids,
         starts=starts,
         ends=ends,
-        alignable=whole & _covers_alone(starts, ends),
+        alignable=alignable,
         text_length=index.num_chars,
         fingerprint=table.fingerprint,
     )
+
+
+def _pieces(
+    content: np.ndarray,
+    consuming_special: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    index: _TextIndex,
+    num_bytes: int,
+) -> list[tuple[np.ndarray, int, int]]:
+    """(content token positions, byte start, byte end) of each text piece between specials spelled in the text."""
+    if not consuming_special.any():
+        return [(content, 0, num_bytes)] if content.size else []
+    splitting = np.flatnonzero(consuming_special)
+    char_starts = np.concatenate([[0], ends[splitting]])
+    char_ends = np.concatenate([starts[splitting], [index.num_chars]])
+    byte_starts, byte_ends = index.to_bytes(char_starts).tolist(), index.to_bytes(char_ends).tolist()
+    piece_of_content = np.cumsum(consuming_special)[content]
+    bounds = np.searchsorted(piece_of_content, np.arange(char_starts.size + 1)).tolist()
+    return [
+        (content[bounds[piece] : bounds[piece + 1]], byte_starts[piece], byte_ends[piece])
+        for piece in range(char_starts.size)  # one entry per piece, not per token
+        if bounds[piece + 1] > bounds[piece]
+    ]
 
 
 def _covers_alone(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -177,17 +236,24 @@ def _covers_alone(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return nonempty & (starts >= max_end_before) & (ends <= min_start_after)
 
 
-def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], list]]:
+def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], OffsetsAt]]:
+    """(ids, offsets getter) per text; reading offsets costs a Python tuple per token, so it is deferred."""
     backend = tokenizer.backend_tokenizer
     if backend.truncation is None and backend.padding is None:
         # the Rust call a fast tokenizer's __call__ makes, without the Python-side tensor conversion
-        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-        return [(enc.ids, enc.offsets) for enc in encodings]
+        if len(texts) == 1:
+            encodings = [backend.encode(texts[0], add_special_tokens=add_special_tokens)]
+        else:
+            encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [(enc.ids, _offsets_from_encoding(enc)) for enc in encodings]
     # truncation/padding left enabled on the backend by an earlier call: go through __call__, which resets it
     batch = tokenizer(
         texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True, truncation=False, padding=False
     )
-    return list(zip(batch["input_ids"], batch["offset_mapping"], strict=True))
+    return [
+        (ids, _offsets_from_sequence(offsets))
+        for ids, offsets in zip(batch["input_ids"], batch["offset_mapping"], strict=True)
+    ]
 
 
 def encode_with_spans(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> TokenSpans:
@@ -196,15 +262,16 @@ def encode_with_spans(tokenizer: Any, text: str, *, add_special_tokens: bool = T
     ``ids`` equal ``tokenizer(text, add_special_tokens=...)["input_ids"]``. Raises ValueError for a slow
     tokenizer (no offsets) or an unsupported vocabulary convention.
     """
-    token_table(tokenizer)  # refuses slow tokenizers with a clear error before encoding
-    ((ids, offsets),) = _encode(tokenizer, [text], add_special_tokens)
-    return spans_from_encoding(tokenizer, text, ids, offsets)
+    table = token_table(tokenizer)  # refuses slow tokenizers with a clear error before encoding
+    ((ids, get_offsets),) = _encode(tokenizer, [text], add_special_tokens)
+    return _spans(table, text, ids, get_offsets, "tokenizer")
 
 
 def encode_batch_with_spans(tokenizer: Any, texts: list[str], *, add_special_tokens: bool = True) -> list[TokenSpans]:
     """``encode_with_spans`` over many texts with one backend batch call."""
-    token_table(tokenizer)
+    table = token_table(tokenizer)
     encoded = _encode(tokenizer, list(texts), add_special_tokens)
     return [
-        spans_from_encoding(tokenizer, text, ids, offsets) for text, (ids, offsets) in zip(texts, encoded, strict=True)
+        _spans(table, text, ids, get_offsets, "tokenizer")
+        for text, (ids, get_offsets) in zip(texts, encoded, strict=True)
     ]
