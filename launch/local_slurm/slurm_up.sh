@@ -43,6 +43,12 @@ if [ -f "$DIR/slurmctld.pid" ] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/n
   exit 2
 fi
 mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+for port in $(seq "$PORT_BASE" $((PORT_BASE + NODES))); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "slurm_up.sh: port $port is in use (another local cluster still running? slurm_down.sh --dir <its dir>)" >&2
+    exit 2
+  fi
+done
 
 HOST=$(hostname -s)
 CPUS_PER_NODE=$(( $(nproc) / NODES ))

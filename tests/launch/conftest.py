@@ -7,6 +7,7 @@ when slurm-wlm is not installed and cannot be installed.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 
@@ -26,6 +27,16 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         yield SlurmCluster(directory, run_env(SLURM_CONF=str(directory / "slurm.conf")))
     finally:
         subprocess.run([str(ROOT / "launch/local_slurm/slurm_down.sh"), "--dir", str(directory)], timeout=120)
+        survivors = [pid.name for pid in directory.glob("*.pid") if _alive(int(pid.read_text()))]
+        assert not survivors, f"slurm_down.sh left daemons running: {survivors}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="session")

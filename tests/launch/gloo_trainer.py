@@ -1,14 +1,14 @@
 """A tiny gloo data-parallel trainer that behaves like launch/train.py towards launchers.
 
-It exists so the launch scripts can be tested on their own mechanics (rank wiring across "nodes", signal
-forwarding, exit status 75, requeue, resume) in a few seconds, independently of the real engine:
+Used where launch/train.py cannot honour this test folder's port range: under MPI, DeepSpeed's discovery pins
+MASTER_PORT to 29500. It keeps train.py's launcher-facing contract, so it also serves for trying the scripts by hand:
 
     python gloo_trainer.py --config RUN.yaml [output_dir=... steps=... step_seconds=...]
 
 Contract mirrored from launch/train.py: rank/world from env:// (torchrun, srun mapping) or MPI (PMI_RANK /
 mpi4py); SIGTERM/SIGUSR1 set a flag, ranks agree with one all-reduce per step, checkpoint together and exit 75;
-a start resumes from the latest complete checkpoint in the output dir. Rank 0 appends ``step <k> loss <x>``
-lines to ``<output_dir>/losses.txt`` and every rank writes ``rank<r>.json`` (host, world size) when done.
+a start resumes from the latest checkpoint in the output dir. Rank 0 appends ``step <k> loss <x>`` lines to
+``<output_dir>/losses.txt`` and every rank writes ``rank<r>.json`` (host, world size) when done.
 """
 
 from __future__ import annotations
