@@ -5,7 +5,7 @@
 
 Writes DIR/{train,valid,test}.jsonl (Dolly layout: instruction, input, prompt, output; templated tasks with
 one correct answer), DIR/teacher_tokenizer/ (byte-level BPE) and DIR/student_tokenizer/ (SentencePiece
-unigram with byte fallback), both loadable offline with AutoTokenizer.from_pretrained(dir).
+Llama-style BPE with byte fallback), both loadable offline with AutoTokenizer.from_pretrained(dir).
 """
 
 from __future__ import annotations

@@ -158,16 +158,28 @@ def _plan_key(config: PrealignConfig, records: dict[str, dict], sources: list[So
     return hashlib.sha256(canonical_json_bytes(plan)).hexdigest()
 
 
+def _worker_pool(config: PrealignConfig, init_args: tuple, under_mpi: bool):
+    """A pool of ``config.workers`` processes holding a RowBuilder each.
+
+    Without MPI, fork (where available): the children inherit the tokenizers already loaded here, so a pool
+    costs no imports (the Rust tokenizers disable their own thread pool in forked children). Under MPI, spawn:
+    forking an MPI process is unsafe with some fabrics.
+    """
+    if not under_mpi and "fork" in multiprocessing.get_all_start_methods():
+        _init_worker(*init_args)
+        return multiprocessing.get_context("fork").Pool(config.workers)
+    return multiprocessing.get_context("spawn").Pool(config.workers, _init_worker, init_args)
+
+
 def _build_shards(config: PrealignConfig, out_dir: Path, todo: list[int], sources: list[SourceFile], plan: str,
-                  num_examples: int, rank: int) -> None:
+                  num_examples: int, rank: int, under_mpi: bool) -> None:
     ranges = [shard_range(shard, config.num_shards, num_examples) for shard in todo]
     examples, drops = read_examples(sources, ranges, prompt_field=config.prompt_field,
                                     response_field=config.response_field, skip_bad_rows=config.skip_bad_rows)
     init_args = (config.teacher_tokenizer, config.student_tokenizer, config.max_length, config.report_examples)
     pool = None
     if config.workers > 1:
-        # spawn, not fork: forking after MPI init or after the Rust tokenizers started threads is unsafe.
-        pool = multiprocessing.get_context("spawn").Pool(config.workers, _init_worker, init_args)
+        pool = _worker_pool(config, init_args, under_mpi)
     else:
         _init_worker(*init_args)
     try:
@@ -274,7 +286,7 @@ def run_prealign(config: PrealignConfig, group: ProcessGroup | None = None) -> d
             log.info("rank %d: %d of its %d shards are complete and checksum-valid; skipping them",
                      group.rank, len(mine) - len(todo), len(mine))
         if todo:
-            _build_shards(config, out_dir, todo, sources, plan, num_examples, group.rank)
+            _build_shards(config, out_dir, todo, sources, plan, num_examples, group.rank, group.size > 1)
     except Exception as failure:  # every rank must reach the allgather below, or the others wait forever
         error = f"rank {group.rank}: {failure}"
         local_failure: Exception | None = failure

@@ -1,7 +1,7 @@
 """Demo assets generated on the spot: a learnable instruction dataset and two different tokenizers.
 
 ``build_demo_assets(out_dir)`` writes ``train/valid/test.jsonl`` plus ``teacher_tokenizer/`` (byte-level BPE)
-and ``student_tokenizer/`` (unigram with byte fallback), so ``make demo`` runs the cross-tokenizer path with
+and ``student_tokenizer/`` (Llama-style BPE with byte fallback), so ``make demo`` runs the cross-tokenizer path with
 no downloads.
 """
 

@@ -2,8 +2,8 @@
 
 - teacher: byte-level BPE in the GPT-2 style (``Ġ`` word prefix, bytes as characters, no BOS added, EOS
   ``<|endoftext|>``, its own pad token);
-- student: SentencePiece unigram (``▁`` word prefix via Metaspace, ``<0xNN>`` byte fallback, BOS
-  ``<s>`` added to every sequence, EOS ``</s>``, pad ``<pad>``, unk ``<unk>``).
+- student: SentencePiece-style BPE like Llama-2's (``▁`` word prefix via Metaspace, ``<0xNN>`` byte
+  fallback, BOS ``<s>`` added to every sequence, EOS ``</s>``, pad ``<pad>``, unk ``<unk>``).
 
 So the demo exercises the cross-tokenizer path (different vocabularies, prefixes, byte handling and
 special tokens) with no external files. Both load offline with ``AutoTokenizer.from_pretrained(dir)``.
@@ -48,39 +48,38 @@ def train_teacher_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_
     return Path(out_dir)
 
 
-def train_student_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 900) -> Path:
-    """Train (with ``sentencepiece``) and save the unigram student tokenizer; returns the folder.
+def train_student_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 700) -> Path:
+    """Train and save the SentencePiece-style (Llama-like) student tokenizer; returns the folder.
 
-    The pieces and scores of the trained SentencePiece model are loaded into a ``tokenizers`` Unigram model
-    with byte fallback (``<0xNN>`` pieces, e.g. ``<0x0A>`` for a newline, as in Llama), a Metaspace
-    pre-tokenizer and a post-processor adding ``<s>``. (The ``tokenizers`` Unigram trainer is not
-    reproducible run to run, sentencepiece with one thread is.)
+    A BPE over ``▁``-prefixed words (Metaspace), with ``<0xNN>`` byte-fallback pieces appended to the
+    vocabulary, so newlines encode as ``<0x0A>`` and unseen characters stay lossless, as in Llama-2; a
+    post-processor adds ``<s>``. (A sentencepiece *unigram* model trained on this small, repetitive corpus keeps
+    mostly single letters, and the ``tokenizers`` unigram trainer is not reproducible run to run.)
     """
     _single_threaded()
-    import io
+    import json
 
-    import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    # Lines as sentences: newlines never enter a piece, they encode through byte fallback.
-    sentences = [line for text in texts for line in text.split("\n") if line.strip()]
-    model_bytes = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model_bytes, vocab_size=vocab_size, model_type="unigram",
-        byte_fallback=True, num_threads=1, normalization_rule_name="identity", character_coverage=1.0,
-        hard_vocab_limit=False,  # the small demo corpus supports fewer pieces than asked; take what it has
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=STUDENT_SPECIALS["unk_token"],
-        bos_piece=STUDENT_SPECIALS["bos_token"], eos_piece=STUDENT_SPECIALS["eos_token"],
-        pad_piece=STUDENT_SPECIALS["pad_token"], minloglevel=2,
-    )
-    processor = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue())
-    pieces = [(processor.id_to_piece(i), float(processor.get_score(i))) for i in range(processor.get_piece_size())]
-    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = [STUDENT_SPECIALS[key] for key in ("unk_token", "bos_token", "eos_token", "pad_token")]
+    # Newlines never enter a piece: they are left to byte fallback, as in Llama's vocabulary.
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer_model = Tokenizer(models.BPE(unk_token=STUDENT_SPECIALS["unk_token"]))
+    trainer_model.pre_tokenizer = metaspace
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    trainer_model.train_from_iterator(lines, trainer=trainer)
+
+    trained = json.loads(trainer_model.to_str())["model"]
+    vocab = dict(trained["vocab"])
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in trained["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=STUDENT_SPECIALS["unk_token"], byte_fallback=True))
+    tokenizer.pre_tokenizer = metaspace
     tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="▁",
                                                                                       prepend_scheme="first")])
-    specials = [STUDENT_SPECIALS[key] for key in ("unk_token", "bos_token", "eos_token", "pad_token")]
     tokenizer.add_special_tokens(specials)
     bos = STUDENT_SPECIALS["bos_token"]
     tokenizer.post_processor = processors.TemplateProcessing(

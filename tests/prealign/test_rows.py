@@ -68,7 +68,7 @@ def check_contract(result, teacher, student, max_length: int) -> None:
 @pytest.mark.parametrize(("teacher_name", "student_name"), PAIRS)
 def test_contract_on_dolly(tokenizer, dolly_slice, teacher_name, student_name):
     teacher, student = tokenizer(teacher_name), tokenizer(student_name)
-    rows = read_jsonl(dolly_slice(80))
+    rows = read_jsonl(dolly_slice(80))[::2]
     builder = RowBuilder(teacher, student, max_length=512)
     results = builder.build_many([(row["prompt"], row["output"]) for row in rows])
     for row, result in zip(rows, results, strict=True):
