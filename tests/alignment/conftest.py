@@ -77,43 +77,11 @@ def all_texts(dolly_texts, vector_texts) -> list[str]:
     return [*dolly_texts, *vector_texts, *ADVERSARIAL_TEXTS]
 
 
-def reference_spans(tokenizer, ids: list[int], text: str) -> list[tuple[int, int, bool] | None]:
-    """Spans computed independently of the library, by the tokenizer's own Rust decoder.
-
-    Decode growing prefixes of the content ids: where a decoded prefix is a clean prefix of the full decode,
-    the last token ends there. Tokens between two clean ends form one group sharing its span; a group of one
-    token with a non-empty span is "whole" (alignable). The decoder may strip one dummy leading space; the
-    difference to the text is added back. Special tokens give None. Quadratic: short texts only.
-    """
-    backend = tokenizer.backend_tokenizer
-    special = set(tokenizer.all_special_ids)
-    content = [token_id for token_id in ids if token_id not in special]
-    full = backend.decode(content, skip_special_tokens=True)
-    shift = len(text) - len(full)
-    assert shift >= 0 and text.endswith(full) and text[:shift].strip(" ") == "", (text, full)
-    spans: list[tuple[int, int, bool] | None] = [None] * len(ids)
-    group: list[int] = []
-    group_start = 0
-    prefix: list[int] = []
-    for position, token_id in enumerate(ids):
-        if token_id in special:
-            continue
-        prefix.append(token_id)
-        group.append(position)
-        decoded = backend.decode(prefix, skip_special_tokens=True)
-        if not full.startswith(decoded) or decoded.endswith("\ufffd"):
-            continue  # the prefix ends inside a character: the group goes on
-        end = len(decoded) + shift
-        for member in group:
-            spans[member] = (group_start, end, len(group) == 1 and end > group_start)
-        group, group_start = [], end
-    assert not group, f"tokens {group} never reached a character boundary in {text!r}"
-    return spans
-
-
 @pytest.fixture(scope="session")
 def encoded(tokenizers, all_texts):
     """(tokenizer name, text index) -> (TokenSpans, reference spans), computed once for all tests."""
+    from alignment_reference import reference_spans
+
     from dskd_scale.alignment import encode_with_spans
 
     cache = {}

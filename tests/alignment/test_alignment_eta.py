@@ -6,21 +6,13 @@ import itertools
 
 import numpy as np
 import pytest
+from alignment_reference import brute_force_pairs
 
 from dskd_scale.alignment import encode_with_spans, exact_token_alignment, token_bytes
 
 pytestmark = pytest.mark.assets
 
 CROSS_PAIRS = [pair for pair in itertools.permutations(("gpt2", "qwen1.5", "llama2", "mistral"), 2)]
-
-
-def brute_force_pairs(reference_a, reference_b) -> set[tuple[int, int]]:
-    """Every (i, j) of whole tokens with identical reference spans: the exact-span optimum, exhaustively."""
-    whole_b: dict[tuple[int, int], list[int]] = {}
-    for j, span_b in enumerate(reference_b):
-        if span_b and span_b[2]:
-            whole_b.setdefault(span_b[:2], []).append(j)
-    return {(i, j) for i, span_a in enumerate(reference_a) if span_a and span_a[2] for j in whole_b.get(span_a[:2], [])}
 
 
 def token_text(tokenizer_bytes, token_id: int) -> str:
