@@ -71,6 +71,18 @@ def _content_mask(spans: TokenSpans) -> np.ndarray:
     return np.asarray(spans.ends) > np.asarray(spans.starts)
 
 
+@dataclass(frozen=True)
+class _TokenizerInfo:
+    eos_id: int
+    special: np.ndarray  # bool [len(tokenizer)]: the id is a special token
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> _TokenizerInfo:
+        special = np.zeros(len(tokenizer), dtype=bool)
+        special[[i for i in tokenizer.all_special_ids if i < special.size]] = True
+        return cls(int(tokenizer.eos_token_id), special)
+
+
 class RowBuilder:
     """Builds rows for one teacher/student tokenizer pair (create once per worker process)."""
 
@@ -80,30 +92,31 @@ class RowBuilder:
         self.teacher_tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer
         self.max_length = max_length
-        self._special_ids = {
-            id(tokenizer): np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
-            for tokenizer in (teacher_tokenizer, student_tokenizer)
-        }
+        # Per-tokenizer constants looked up on every row (transformers' special-token attributes are slow).
+        self._info = {id(tok): _TokenizerInfo.of(tok) for tok in (teacher_tokenizer, student_tokenizer)}
 
     def _encode(self, text: str) -> tuple[TokenSpans, TokenSpans]:
         return encode_with_spans(self.teacher_tokenizer, text), encode_with_spans(self.student_tokenizer, text)
 
     def _both_fit(self, pair: tuple[TokenSpans, TokenSpans], with_eos: bool) -> bool:
-        pairs = zip(pair, self._tokenizers, strict=True)
-        return all(self._fits(spans, tokenizer, with_eos) for spans, tokenizer in pairs)
+        return (self._fits(pair[0], self.teacher_tokenizer, with_eos)
+                and self._fits(pair[1], self.student_tokenizer, with_eos))
 
     @property
     def _tokenizers(self) -> tuple[Any, Any]:
         return self.teacher_tokenizer, self.student_tokenizer
 
     def _fits(self, spans: TokenSpans, tokenizer: Any, with_eos: bool) -> bool:
+        if spans.ids.size < self.max_length:  # fits even with an EOS appended
+            return True
         appended = int(with_eos and not self._has_final_eos(spans, tokenizer))
-        return len(spans.ids) + appended <= self.max_length
+        return spans.ids.size + appended <= self.max_length
 
-    @staticmethod
-    def _has_final_eos(spans: TokenSpans, tokenizer: Any) -> bool:
-        ids = np.asarray(spans.ids)
-        return bool(ids.size and ids[-1] == tokenizer.eos_token_id and spans.ends[-1] == spans.starts[-1])
+    def _has_final_eos(self, spans: TokenSpans, tokenizer: Any) -> bool:
+        """Whether the tokenizer itself already appended EOS (e.g. ``add_eos_token=True``)."""
+        ids = spans.ids
+        eos = self._info[id(tokenizer)].eos_id
+        return bool(ids.size and ids[-1] == eos and spans.ends[-1] == spans.starts[-1])
 
     def _prompt_cut_candidates(self, pair: tuple[TokenSpans, TokenSpans], boundary: int) -> np.ndarray:
         """Character positions in [lowest useful cut, boundary] that start a token on both sides."""
@@ -158,22 +171,21 @@ class RowBuilder:
         raise ValueError(f"cannot fit the response into max_length={self.max_length} tokens on both sides")
 
     def _side(self, spans: TokenSpans, tokenizer: Any, boundary: int, text_length: int, with_eos: bool) -> SideEncoding:
-        ids = np.asarray(spans.ids, dtype=np.int64)
-        starts = np.asarray(spans.starts, dtype=np.int64)
-        ends = np.asarray(spans.ends, dtype=np.int64)
-        alignable = np.asarray(spans.alignable, dtype=bool)
-        special = np.isin(ids, self._special_ids[id(tokenizer)])
-        response = ~special & (starts >= boundary)
-        straddles = int(np.count_nonzero(~special & (starts < boundary) & (ends > boundary)))
-        if with_eos:
-            if self._has_final_eos(spans, tokenizer):
-                response[-1] = True
-            else:
-                ids = np.append(ids, tokenizer.eos_token_id)
-                starts = np.append(starts, text_length)
-                ends = np.append(ends, text_length)
-                response = np.append(response, True)
-                alignable = np.append(alignable, False)
+        info = self._info[id(tokenizer)]
+        special = info.special[spans.ids]
+        content = ~special
+        straddles = int(np.count_nonzero(content & (spans.starts < boundary) & (spans.ends > boundary)))
+        final_eos = with_eos and self._has_final_eos(spans, tokenizer)
+        size = spans.ids.size + int(with_eos and not final_eos)
+        ids, starts, ends = (np.full(size, info.eos_id, dtype=np.int64), np.full(size, text_length, dtype=np.int64),
+                             np.full(size, text_length, dtype=np.int64))
+        response, alignable = np.ones(size, dtype=bool), np.zeros(size, dtype=bool)
+        count = spans.ids.size
+        ids[:count], starts[:count], ends[:count] = spans.ids, spans.starts, spans.ends
+        alignable[:count] = spans.alignable
+        response[:count] = content & (spans.starts >= boundary)
+        if final_eos:
+            response[-1] = True
         return SideEncoding(ids, starts, ends, response, alignable, straddles)
 
     def build_many(self, examples: list[tuple[str, str]]) -> list[RowResult]:
@@ -267,7 +279,7 @@ def _exact_span_optimum(student: SideEncoding, teacher: SideEncoding, *, identic
     for side in (student, teacher):
         usable = side.response & side.alignable & (np.arange(side.ids.size) >= 1)
         keys.append((side.starts * stride + side.ends)[usable])
-    shared = np.intersect1d(keys[0], keys[1])
+    shared = np.intersect1d(keys[0], keys[1], assume_unique=True)  # alignable spans never overlap
     eos_pair = int(
         student.ids.size >= 2 and teacher.ids.size >= 2 and student.response[-1] and teacher.response[-1]
         and student.ends[-1] == student.starts[-1] and teacher.ends[-1] == teacher.starts[-1]
