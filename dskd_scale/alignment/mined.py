@@ -146,9 +146,9 @@ class _StudentTable:
         self.lengths16 = self.lengths.astype(np.int16)
         # counts_BN[c, n]: how often byte c occurs in string n (byte-major so one byte's column is contiguous)
         self.counts_BN = np.zeros((256, len(strings)), dtype=np.int16)
-        for row, s in enumerate(strings):
-            values, counts = np.unique(np.frombuffer(s, dtype=np.uint8), return_counts=True)
-            self.counts_BN[values, row] = counts
+        valid = np.arange(self.codes.shape[1])[None, :] < self.lengths[:, None]
+        rows = np.broadcast_to(np.arange(len(strings))[:, None], self.codes.shape)
+        np.add.at(self.counts_BN, (self.codes[valid], rows[valid]), 1)
 
     def lower_bound(self, query: bytes) -> np.ndarray:
         """int16 [N] lower bound on the edit distance: the bytes one side has in excess of the other."""
@@ -233,11 +233,11 @@ def build_vocabulary_map(
     """
     fixed_pairs = dict(fixed_pairs or {})
     # Work on "rank ids" (position in preference order), so "smallest id" below means "preferred student token".
-    order = np.argsort(np.arange(len(student_bytes)) if student_rank is None else student_rank, kind="stable")
-    candidates = [(rank, student_bytes[i]) for rank, i in enumerate(order.tolist()) if student_bytes[i] is not None]
+    preferred = np.argsort(np.arange(len(student_bytes)) if student_rank is None else student_rank, kind="stable")
+    candidates = [(rank, student_bytes[i]) for rank, i in enumerate(preferred.tolist()) if student_bytes[i] is not None]
     if not candidates:
         raise ValueError("the student vocabulary has no byte tokens to map onto")
-    student_bytes = [student_bytes[i] for i in order.tolist()]
+    student_bytes = [student_bytes[i] for i in preferred.tolist()]
     exact: dict[bytes, int] = {}
     index: dict[bytes, list[int]] = {}
     unindexed: list[int] = []  # long strings: too many variants, every query checks them directly
@@ -298,7 +298,7 @@ def build_vocabulary_map(
             distance[teacher_id], teacher_to_student[teacher_id] = dist_value, student_id
     by_bytes = teacher_to_student >= 0
     by_bytes[list(fixed_pairs)] = False
-    teacher_to_student[by_bytes] = order[teacher_to_student[by_bytes]]  # rank ids back to student ids
+    teacher_to_student[by_bytes] = preferred[teacher_to_student[by_bytes]]  # rank ids back to student ids
     return teacher_to_student, distance
 
 

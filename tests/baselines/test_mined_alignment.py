@@ -175,20 +175,21 @@ def test_real_gpt2_to_llama2_identical_bytes_map_to_themselves(asset):
     rng = np.random.default_rng(0)
     subset = np.sort(rng.choice(teacher.vocab_size - 1, size=200, replace=False))  # GPT-2 ids, no EOS
     queries = [teacher.token_bytes[i] for i in subset]
-    ids, dist = mined.build_vocabulary_map(queries, student.token_bytes, student_rank=rank, index_depth=1)
+    ids, dist = mined.build_vocabulary_map(queries, student.token_bytes, student_rank=rank, index_depth=0)
     by_bytes = {}
     for student_id in np.argsort(rank, kind="stable").tolist():
         if student.token_bytes[student_id] is not None:
             by_bytes.setdefault(student.token_bytes[student_id], student_id)
     identical = [k for k, q in enumerate(queries) if q in by_bytes]
-    assert len(identical) > 100  # e.g. b" the": 'Ġthe' (GPT-2) and '▁the' (Llama-2)
+    assert len(identical) > 40  # about a third of GPT-2, e.g. b" the": 'Ġthe' (GPT-2) and '▁the' (Llama-2)
     for k in identical:
         assert dist[k] == 0 and ids[k] == by_bytes[queries[k]]
         assert not student.byte_fallback[ids[k]] or len(queries[k]) == 1
     for k in range(len(queries)):
         assert dist[k] == reference_distance(queries[k], student.token_bytes[ids[k]]) > 0 or k in identical
-    # Deterministic and independent of batching and index depth.
+    # Deterministic and independent of query order and batching. Depth 0 skips the deletion index (a speed knob
+    # whose exactness the synthetic test above checks) to keep this test cheap.
     again_ids, again_dist = mined.build_vocabulary_map(
-        queries[::-1], student.token_bytes, student_rank=rank, index_depth=2, batch_queries=37
+        queries[::-1], student.token_bytes, student_rank=rank, index_depth=0, batch_queries=37
     )
     assert again_ids[::-1].tolist() == ids.tolist() and again_dist[::-1].tolist() == dist.tolist()
