@@ -23,6 +23,7 @@ ADVERSARIAL_TEXTS = (
     "code:\n    def f(x):\n        return {'a': [x ** 2 for x in range(10)]}  # comment\n",
     "math: ∑_{i=1}^{n} i² = n(n+1)/2 ≤ ∞; π ≈ 3.14159; 1/2 ½ ⅓",
     "zero\u200bwidth\u00a0nbsp\u2009thin\u3000ideographic space",
+    "",
     " ",
     "é",
     "\n",
