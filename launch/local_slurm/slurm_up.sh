@@ -8,7 +8,8 @@
 #
 # Ports: slurmctld = BASE, slurmd n<i> = BASE+i, srun's listening ports BASE+40..BASE+69; BASE+10..39 and
 # BASE+70..99 stay free for rendezvous ports of the jobs.
-# Exit status 3 means "slurm-wlm is not installed and could not be installed" (tests skip on it).
+# Exit status 3 means SLURM cannot run here: slurm-wlm is missing and not installable, or we are not root
+# (tests skip on it).
 # Why auth/none: munge needs a machine-wide daemon and key; a private test cluster must not touch either.
 # Why proctrack/linuxproc + task/none: there is no systemd/cgroup delegation in a container.
 set -euo pipefail
@@ -34,6 +35,7 @@ if ! command -v slurmctld >/dev/null 2>&1; then
   command -v slurmctld >/dev/null 2>&1 || {
     echo "slurm_up.sh: slurmctld is not installed and 'apt-get install slurm-wlm' was not possible" >&2; exit 3; }
 fi
+[ "$(id -u)" = 0 ] || { echo "slurm_up.sh: slurmd must run as root (it starts job steps as their users)" >&2; exit 3; }
 SLURMCTLD=$(command -v slurmctld)
 SLURMD=$(command -v slurmd)
 
