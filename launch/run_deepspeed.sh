@@ -14,7 +14,11 @@
 # Hyperparameters belong in CONFIG and its overrides, not here.
 set -euo pipefail
 
-CONFIG=${1:?usage: [HOSTFILE=... NODE_RANK=...] launch/run_deepspeed.sh CONFIG.yaml [key=value ...]}
+if [ $# -lt 1 ]; then
+  echo "usage: [NUM_GPUS=n | HOSTFILE=hosts [NODE_RANK=i]] launch/run_deepspeed.sh CONFIG.yaml [key=value ...]" >&2
+  exit 2
+fi
+CONFIG=$1
 shift
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}

@@ -11,12 +11,15 @@
 # launch/train.py). Hyperparameters belong in CONFIG and its overrides, not here.
 set -euo pipefail
 
-CONFIG=${1:?usage: NP=<ranks> [HOSTS=h1:n,h2:n] launch/run_mpi.sh CONFIG.yaml [key=value ...]}
+if [ $# -lt 1 ]; then
+  echo "usage: NP=<ranks> [HOSTS=h1:n,h2:n] launch/run_mpi.sh CONFIG.yaml [key=value ...]" >&2; exit 2
+fi
+CONFIG=$1
 shift
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 TRAIN_SCRIPT=${TRAIN_SCRIPT:-$ROOT/launch/train.py}
-NP=${NP:?set NP to the total number of ranks}
+[ -n "${NP:-}" ] || { echo "run_mpi.sh: set NP to the total number of ranks" >&2; exit 2; }
 python_bin=$(dirname "$(command -v "$PYTHON")")
 MPIEXEC=${MPIEXEC:-$( [ -x "$python_bin/mpiexec" ] && echo "$python_bin/mpiexec" || command -v mpiexec || true)}
 [ -n "$MPIEXEC" ] || { echo "run_mpi.sh: no mpiexec found (pip install mpich, or set MPIEXEC)" >&2; exit 2; }

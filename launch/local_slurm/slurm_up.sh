@@ -91,7 +91,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 CONF
   for i in $(seq 1 "$NODES"); do
-    echo "NodeName=n$i NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=$((PORT_BASE + i)) CPUs=${CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN"
+    echo "NodeName=n$i NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=$((PORT_BASE + i))" \
+      "CPUs=${CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN"
   done
   echo "PartitionName=debug Nodes=n[1-${NODES}] Default=YES MaxTime=INFINITE State=UP"
 } > "$DIR/slurm.conf"

@@ -14,7 +14,8 @@ gpus_on_node() {
   echo 1
 }
 NPROC=${NPROC_PER_NODE:-$(gpus_on_node)}
-echo "[torchrun_node] node ${SLURMD_NODENAME:-?} (node rank ${SLURM_NODEID:-?} of ${SLURM_NNODES:-?}): $NPROC rank(s)," \
+echo "[torchrun_node] node ${SLURMD_NODENAME:-?} (node rank ${SLURM_NODEID:-?} of ${SLURM_NNODES:-?}):" \
+  "$NPROC rank(s)," \
   "rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 # torchrun only relays SIGTERM/SIGINT/SIGHUP/SIGQUIT by default; USR1 would kill it and orphan the ranks.
