@@ -193,3 +193,18 @@ def test_real_gpt2_to_llama2_identical_bytes_map_to_themselves(asset):
         queries[::-1], student.token_bytes, student_rank=rank, index_depth=0, batch_queries=37
     )
     assert again_ids[::-1].tolist() == ids.tolist() and again_dist[::-1].tolist() == dist.tolist()
+
+
+def test_mined_alignment_lets_two_student_tokens_share_a_teacher_token():
+    # Regression (found on Dolly, GPT-2 -> Llama-2): "\n\n" maps to "\n", so both student "\n" pair with it.
+    student_vocab, teacher_vocab = [None, b"\n", b"x"], [b"\n\n", b"x"]
+    s, t = mined.mined_alignment(
+        [0, 2, 1, 1, 2],
+        [-100, -100, 1, 1, 2],
+        [1, 0, 1],
+        [-100, 0, 1],
+        student_vocab_bytes=student_vocab,
+        teacher_vocab_bytes=teacher_vocab,
+        teacher_to_student=np.array([1, 2]),
+    )
+    assert s.tolist() == [2, 3, 4] and t.tolist() == [1, 1, 2]
