@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-_MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
-_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+# World sizes set by mpiexec (MPICH/Hydra, Open MPI, PMIx) and by srun for its job step. Not SLURM_NTASKS: it is
+# also set inside an sbatch script, where the tool may run as one plain process.
+_MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
+_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE",
+                         "SLURM_NTASKS_PER_NODE")
 
 
 class ProcessGroup(Protocol):
@@ -88,8 +91,8 @@ def local_process_count() -> int:
     """Processes of this launch on this node (to share the node's cores among them)."""
     for variable in _LOCAL_SIZE_VARIABLES:
         value = os.environ.get(variable, "")
-        # SLURM_NTASKS_PER_NODE may look like "4(x2)"; its leading number is the per-node count.
-        digits = value.split("(")[0]
+        # SLURM's per-node counts may look like "4(x2)" or "4,2"; the leading number is this kind of node's count.
+        digits = value.split("(")[0].split(",")[0]
         if digits.isdigit() and int(digits) > 0:
             return int(digits)
     return 1

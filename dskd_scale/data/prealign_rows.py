@@ -118,31 +118,31 @@ class RowBuilder:
         eos = self._info[id(tokenizer)].eos_id
         return bool(ids.size and ids[-1] == eos and spans.ends[-1] == spans.starts[-1])
 
-    def _prompt_cut_candidates(self, pair: tuple[TokenSpans, TokenSpans], boundary: int) -> np.ndarray:
-        """Character positions in [lowest useful cut, boundary] that start a token on both sides."""
+    def _prompt_cut_candidates(self, pair: tuple[TokenSpans, TokenSpans], boundary: int) -> tuple[np.ndarray, bool]:
+        """Character positions in [lowest useful cut, boundary) that start a token on both sides, and whether
+        the response alone is expected to fit (judged from the joint encoding, verified by re-encoding)."""
         lowest = 0
         common = None
         for spans, tokenizer in zip(pair, self._tokenizers, strict=True):
             content = _content_mask(spans)
-            starts = np.sort(np.asarray(spans.starts)[content])
-            specials = len(spans.ids) - int(content.sum()) + int(not self._has_final_eos(spans, tokenizer))
-            budget = self.max_length - specials
+            starts = np.sort(spans.starts[content])
+            specials = spans.ids.size - starts.size + int(not self._has_final_eos(spans, tokenizer))
             unique_starts = np.unique(starts)
             kept_after_cut = starts.size - np.searchsorted(starts, unique_starts, side="left")
-            fitting = unique_starts[kept_after_cut <= budget]
-            lowest = max(lowest, int(fitting[0]) if fitting.size else boundary)
+            fitting = unique_starts[kept_after_cut <= self.max_length - specials]
+            lowest = max(lowest, int(fitting[0]) if fitting.size else len(spans.ids) + boundary + 1)
             common = unique_starts if common is None else np.intersect1d(common, unique_starts, assume_unique=True)
-        candidates = common[(common >= lowest) & (common < boundary)]
-        return np.append(candidates, boundary).astype(np.int64)
+        return common[(common >= lowest) & (common < boundary)], lowest <= boundary
 
-    def _response_cut_candidates(self, pair: tuple[TokenSpans, TokenSpans]) -> np.ndarray:
-        """Character positions ending a token on both sides, largest first, where both sides fit without EOS."""
+    def _response_cut_candidates(self, pair: tuple[TokenSpans, TokenSpans], offset: int) -> np.ndarray:
+        """Response-relative positions ending a token on both sides (tokens starting at or after ``offset`` in
+        ``pair``'s text), largest first, where both sides are expected to fit without EOS."""
         highest = None
         common = None
         for spans in pair:
             content = _content_mask(spans)
-            ends = np.sort(np.asarray(spans.ends)[content])
-            budget = self.max_length - (len(spans.ids) - int(content.sum()))
+            ends = np.sort(spans.ends[content & (spans.starts >= offset)]) - offset
+            budget = self.max_length - (spans.ids.size - int(content.sum()))
             unique_ends = np.unique(ends)
             kept_before_cut = np.searchsorted(ends, unique_ends, side="right")
             fitting = unique_ends[kept_before_cut <= budget]
@@ -153,16 +153,21 @@ class RowBuilder:
         return candidates[::-1]
 
     def _truncate(self, prompt: str, response: str, pair: tuple[TokenSpans, TokenSpans]):
-        """Apply the truncation policy; returns (prompt, response, pair, prompt_truncated, response_truncated)."""
+        """Apply the truncation policy; returns (prompt, response, pair, prompt_truncated, response_truncated).
+
+        Cut positions are chosen from the joint encoding and every choice is verified by re-encoding the cut
+        text on both sides (a cut can change the tokens next to it); a failed check moves to the next one.
+        """
         boundary = len(prompt)
-        candidates = self._prompt_cut_candidates(pair, boundary)
-        # The last candidate is always the response start; try a few common token starts before it.
-        for cut in [*candidates[:-1][: _MAX_CUT_ATTEMPTS - 1], boundary]:
-            cut_pair = pair if cut == 0 else self._encode(prompt[cut:] + response)
-            if self._both_fit(cut_pair, with_eos=True):
-                return prompt[cut:], response, cut_pair, cut > 0, False
-        response_pair = cut_pair  # the encoding of the response alone (last cut tried is the boundary)
-        for attempt, end in enumerate(self._response_cut_candidates(response_pair)):
+        candidates, response_may_fit = self._prompt_cut_candidates(pair, boundary)
+        if response_may_fit:
+            # A few common token starts, then the response start itself.
+            for cut in [*candidates[: _MAX_CUT_ATTEMPTS - 1], boundary]:
+                cut_pair = pair if cut == 0 else self._encode(prompt[cut:] + response)
+                if self._both_fit(cut_pair, with_eos=True):
+                    return prompt[cut:], response, cut_pair, cut > 0, False
+        # The response alone is too long: cut it from the right (positions from the joint encoding's response).
+        for attempt, end in enumerate(self._response_cut_candidates(pair, boundary)):
             cut_pair = self._encode(response[:end])
             if self._both_fit(cut_pair, with_eos=False):
                 return "", response[:end], cut_pair, bool(prompt), True
