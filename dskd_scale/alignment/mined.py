@@ -5,6 +5,9 @@ student token whose string is closest in edit distance, and aligns two tokenisat
 time warping (DTW) with an edit-distance cost. Both run offline: the map once per tokenizer pair
 (`tools/build_mined_map.py`), the alignment once per example in the data pipeline.
 
+Layout (one file, past the usual 400 lines, because MinED is one owned unit): vectorised edit distances; the
+vocabulary map and its file; the DTW alignment.
+
 Assumptions:
 - Token strings are compared as the raw bytes they stand for ("normalised token strings", from
   `dskd_scale.alignment.token_bytes`, shared with ETA): 'Ġthe' and '▁the' are both b" the" (distance 0), and a

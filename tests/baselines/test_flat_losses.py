@@ -141,6 +141,28 @@ def test_uld_golden_symmetry_zero_and_chunking():
     torch.testing.assert_close(grad_h1, grad_h)
     torch.testing.assert_close(grad_w1, grad_w)
 
+    # Through the chunked loss: swapping the two sides of every pair gives the same value; identical sides give 0.
+    swapped = uld_loss(
+        teacher_h,
+        student_h.detach(),
+        student_head=teacher_head,
+        teacher_head=student_head,
+        student_vocab_size=11,
+        teacher_vocab_size=5,
+        chunk_size=2,
+    )["kd"][0]
+    torch.testing.assert_close(swapped, value)
+    same = uld_loss(
+        student_h,
+        student_h.detach(),
+        student_head=student_head,
+        teacher_head=student_head,
+        student_vocab_size=5,
+        teacher_vocab_size=5,
+        chunk_size=2,
+    )["kd"][0]
+    assert same.item() == 0.0
+
     a, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
     torch.testing.assert_close(sorted_probability_l1(a, b), sorted_probability_l1(b, a))  # symmetric in the pair
     shuffled = a[:, torch.randperm(6)]  # sorting forgets token identity: a permuted vocabulary is a perfect match
