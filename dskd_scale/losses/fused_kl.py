@@ -24,19 +24,25 @@ __all__ = ["fused_kl_rows"]
 
 def _log_softmaxes(student_NV: Tensor, target_NV: Tensor, tau_s: float, tau_t: float) -> tuple[Tensor, Tensor]:
     dtype = torch.promote_types(torch.promote_types(student_NV.dtype, target_NV.dtype), torch.float32)
-    log_q = F.log_softmax(student_NV.to(dtype) / tau_s, dim=-1)
-    log_p = F.log_softmax(target_NV.to(dtype) / tau_t, dim=-1)
+    # Skip the division at temperature 1: it would be one more full [N, V] copy.
+    log_q = F.log_softmax(student_NV if tau_s == 1.0 else student_NV / tau_s, dim=-1, dtype=dtype)
+    log_p = F.log_softmax(target_NV if tau_t == 1.0 else target_NV / tau_t, dim=-1, dtype=dtype)
     return log_q, log_p
 
 
 class _FusedKL(torch.autograd.Function):
+    # In-place updates below reuse the [N, V] buffers: at most three are alive at any time.
     @staticmethod
     def forward(ctx, student_NV: Tensor, target_NV: Tensor, reverse: bool, tau_s: float, tau_t: float):
         log_q, log_p = _log_softmaxes(student_NV, target_NV, tau_s, tau_t)
         if reverse:
-            rows_N = (log_q.exp() * (log_q - log_p)).sum(-1)
+            weighted = log_q - log_p
+            weighted.mul_(log_q.exp_())
         else:
-            rows_N = (log_p.exp() * (log_p - log_q)).sum(-1)
+            weighted = log_p - log_q
+            weighted.mul_(log_p.exp_())
+        del log_q, log_p
+        rows_N = weighted.sum(-1)
         ctx.save_for_backward(student_NV, target_NV, rows_N)
         ctx.options = (reverse, tau_s, tau_t)
         return rows_N
@@ -45,26 +51,24 @@ class _FusedKL(torch.autograd.Function):
     def backward(ctx, grad_rows_N: Tensor):
         student_NV, target_NV, rows_N = ctx.saved_tensors
         reverse, tau_s, tau_t = ctx.options
+        need_student, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         log_q, log_p = _log_softmaxes(student_NV, target_NV, tau_s, tau_t)
         grad_N1 = grad_rows_N.unsqueeze(-1)
         grad_student = grad_target = None
-        need_student, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if reverse:
-            q = log_q.exp()
-            if need_target:
-                grad_target = ((log_p.exp() - q) * (grad_N1 / tau_t)).to(target_NV.dtype)
-            if need_student:
-                log_q -= log_p  # in place: log q - log p, the log-ratio
-                log_q -= rows_N.unsqueeze(-1)
-                grad_student = (q * log_q * (grad_N1 / tau_s)).to(student_NV.dtype)
+            if need_target:  # (p - q) / tau_t
+                grad_target = (log_p.exp() - log_q.exp()).mul_(grad_N1 / tau_t).to(target_NV.dtype)
+            if need_student:  # q (log q - log p - R) / tau_s
+                q = log_q.exp()
+                q.mul_(log_q.sub_(log_p).sub_(rows_N.unsqueeze(-1)))
+                grad_student = q.mul_(grad_N1 / tau_s).to(student_NV.dtype)
         else:
-            p = log_p.exp()
-            if need_student:
-                grad_student = ((log_q.exp() - p) * (grad_N1 / tau_s)).to(student_NV.dtype)
-            if need_target:
-                log_p -= log_q
-                log_p -= rows_N.unsqueeze(-1)
-                grad_target = (p * log_p * (grad_N1 / tau_t)).to(target_NV.dtype)
+            if need_target:  # p (log p - log q - F) / tau_t
+                p = log_p.exp()
+                p.mul_((log_p - log_q).sub_(rows_N.unsqueeze(-1)))
+                grad_target = p.mul_(grad_N1 / tau_t).to(target_NV.dtype)
+            if need_student:  # (q - p) / tau_s
+                grad_student = log_q.exp_().sub_(log_p.exp_()).mul_(grad_N1 / tau_s).to(student_NV.dtype)
         return grad_student, grad_target, None, None, None
 
 
