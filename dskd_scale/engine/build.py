@@ -282,7 +282,8 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
     if teacher is not None and kd.criterion not in ("dskd", "dskd_eta"):
         engines.baseline_resources = _baseline_resources(kd, student_tokenizer, teacher_tokenizer, engines.teacher)
     if student_engine.zero_optimization_partition_gradients():
-        defer_head_gradient(student_engine.module.head.weight)
+        if student_engine.module.head.weight.requires_grad:
+            defer_head_gradient(student_engine.module.head.weight)
     else:
         student_engine.enable_backward_allreduce = False  # Engines.backward all-reduces after routing
     log.info("engines built: student %s, teacher %s, ZeRO-%d, %s", type(student).__name__,

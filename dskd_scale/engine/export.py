@@ -54,7 +54,9 @@ def merge_lora_state(state: dict[str, Tensor], *, scaling: float) -> dict[str, T
         stem = match.group(1)
         lora_b = key.replace(".lora_A.", ".lora_B.")
         base = f"{stem}.base_layer.weight"
-        delta = (state[lora_b].float() @ state[key].float()) * scaling
+        delta = (state[lora_b].float() @ state[key].float()) * scaling  # [out, in]
+        if delta.shape != state[base].shape and delta.T.shape == state[base].shape:
+            delta = delta.T  # GPT-2 Conv1D stores [in, out] (peft's fan_in_fan_out)
         merged[base] = (state[base].float() + delta).to(state[base].dtype)
     clean = {}
     for key, value in merged.items():

@@ -92,7 +92,12 @@ class StudentHead:
         return linear_head(self._weight())
 
     def trainable_head(self) -> Head:
-        """A head whose weight gradient is collected in a leaf and later routed to the parameter."""
+        """A head whose weight gradient is collected in a leaf and later routed to the parameter.
+
+        A frozen head (LoRA student: peft freezes the base weights) gets no leaf: gradient reaches its input only.
+        """
+        if not self.parameter.requires_grad:
+            return self.frozen_head()
         leaf = self._weight().detach().requires_grad_(True)
         self._leaves.append(leaf)
         return lambda hidden_ND: F.linear(hidden_ND.to(leaf.dtype), leaf)

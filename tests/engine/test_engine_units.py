@@ -222,3 +222,26 @@ def test_sft_single_process_trains_and_checkpoints(demo, tmp_path):
     assert sorted(rows) == [1, 2, 3] and all(math.isfinite(r["train/ce"]) for r in rows.values())
     assert rows[3]["train/loss"] == pytest.approx(rows[3]["train/ce"])  # sft: CE only
     assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+
+
+def test_lora_student_with_gradient_checkpointing_trains_and_exports_merged(demo, tmp_path):
+    """peft LoRA on the GPT-2 student under ZeRO-3 (frozen head: gradient to its input only); the export folds the
+    adapters into plain weights that reproduce the live model's logits."""
+    from engine_helpers import demo_overrides, launch, metrics
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    result = launch("configs/tests/tiny_dskd_eta.yaml", demo_overrides(demo, same_vocab=False, output_dir=out) + [
+        "optim.max_steps=2", "checkpoint.every_steps=0", "student.lora.enabled=true",
+        "student.lora.target_modules=[c_attn]", "student.lora.alpha=32", "student.gradient_checkpointing=true",
+        "optim.lr=5.0e-2"], ranks=1, port=29541)
+    check(result)
+    assert sorted(metrics(out)) == [1, 2]
+    probe = torch.load(out / "export" / "probe.pt")
+    model = AutoModelForCausalLM.from_pretrained(out / "export").eval()
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=probe["input_ids"]).logits, probe["logits"], rtol=0, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(demo["student"]).eval()
+    with torch.no_grad():  # the adapters did change the model
+        assert not torch.allclose(base(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4)
