@@ -3,8 +3,8 @@
 
 Both measurements run side by side in this process, on the same rows, single-threaded:
 - baseline: one batch call per tokenizer returning ids and offsets (the least any cross-tokenizer pipeline does);
-- prealign: ``RowBuilder.build_many`` (the same batch calls, normalised spans, truncation, exact token
-  alignment, labels) plus conversion of the rows to an Arrow table, i.e. everything but the file write.
+- prealign: ``RowBuilder.build_many`` in chunks of 64 rows like the tool (the same batch calls, normalised spans,
+  truncation, exact token alignment, labels) plus conversion to an Arrow table: everything but the file write.
 Each is timed ``--repeats`` times, interleaved, and the best time is kept (the machine may be shared).
 Also reports coverage (aligned pairs / student response tokens) and coverage vs the exact-span optimum.
 
@@ -47,8 +47,11 @@ def _tokenize_only(teacher, student, texts: list[str]) -> None:
             encoding.ids, encoding.offsets  # noqa: B018
 
 
-def _prealign(builder: RowBuilder, examples: list[tuple[str, str]]):
-    results = builder.build_many(examples)
+def _prealign(builder: RowBuilder, examples: list[tuple[str, str]], chunk: int):
+    """In chunks, as tools/prealign.py's workers do (``--chunk-examples``)."""
+    results = []
+    for start in range(0, len(examples), chunk):
+        results += builder.build_many(examples[start:start + chunk])
     rows_to_table([r.columns for r in results], list(range(len(results))))
     return results
 
@@ -58,6 +61,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1000, help="Dolly dev rows (max 1000)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-examples", type=int, default=64, help="rows per build_many call, as in the tool")
     args = parser.parse_args()
     data = asset_path("data/dolly/dev.jsonl")
     if data is None:
@@ -72,7 +76,7 @@ def main() -> int:
     for teacher_name, student_name in PAIRS:
         teacher, student = _load(teacher_name), _load(student_name)
         builder = RowBuilder(teacher, student, args.max_length)
-        results = _prealign(builder, examples)  # warm-up: builds the byte tables once
+        results = _prealign(builder, examples, args.chunk_examples)  # warm-up: builds the byte tables once
         _tokenize_only(teacher, student, texts)
         best_tokenize = best_prealign = float("inf")
         for _ in range(args.repeats):
@@ -80,7 +84,7 @@ def main() -> int:
             _tokenize_only(teacher, student, texts)
             best_tokenize = min(best_tokenize, time.perf_counter() - start)
             start = time.perf_counter()
-            results = _prealign(builder, examples)
+            results = _prealign(builder, examples, args.chunk_examples)
             best_prealign = min(best_prealign, time.perf_counter() - start)
         aligned = sum(r.aligned_pairs for r in results)
         optimum = sum(r.optimum_pairs for r in results)

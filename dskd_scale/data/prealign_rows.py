@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dskd_scale.alignment import TokenSpans, encode_batch_with_spans, encode_with_spans, exact_token_alignment
+from dskd_scale.alignment import TokenSpans, encode_with_spans, exact_token_alignment
 from dskd_scale.data.format import IGNORE_INDEX
 
 TRUNCATION_POLICY = (
@@ -194,12 +194,11 @@ class RowBuilder:
         return SideEncoding(ids, starts, ends, response, alignable, straddles)
 
     def build_many(self, examples: list[tuple[str, str]]) -> list[RowResult]:
-        """``build`` over (prompt, response) pairs, tokenising each side in one batch call."""
-        texts = [prompt + response for prompt, response in examples]
-        teacher = encode_batch_with_spans(self.teacher_tokenizer, texts)
-        student = encode_batch_with_spans(self.student_tokenizer, texts)
-        return [self.build(prompt, response, pair=(t, s))
-                for (prompt, response), t, s in zip(examples, teacher, student, strict=True)]
+        """``[build(prompt, response) for ...]`` with one tokenizer batch call per side and the row logic
+        vectorised over all examples (``prealign_batch``); the rows are identical to ``build``'s."""
+        from dskd_scale.data.prealign_batch import build_rows
+
+        return build_rows(self, examples)
 
     def build(self, prompt: str, response: str, *, pair: tuple[TokenSpans, TokenSpans] | None = None) -> RowResult:
         """Tokenise, truncate and align one example (see the module docstring for the policy).

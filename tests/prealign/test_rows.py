@@ -133,3 +133,25 @@ def test_identical_tokenizers_align_every_response_token(tokenizer, dolly_slice)
         np.testing.assert_array_equal(result.columns["align_student"], response)
         np.testing.assert_array_equal(result.columns["align_teacher"], response)
         assert result.aligned_pairs == result.optimum_pairs
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name", "max_length"), [
+    ("tokenizers/qwen1.5", "tokenizers/llama2", 100), ("tokenizers/mistral", "tokenizers/mistral", 512)])
+def test_batched_rows_equal_row_by_row(tokenizer, dolly_slice, teacher_name, student_name, max_length):
+    teacher, student = tokenizer(teacher_name), tokenizer(student_name)
+    examples = [(r["prompt"], r["output"]) for r in read_jsonl(dolly_slice(80))[1::3]]
+    builder = RowBuilder(teacher, student, max_length=max_length)
+    batched = builder.build_many(examples)
+    assert max_length > 200 or sum(r.prompt_truncated for r in batched) > 5  # the truncation path is covered
+    for fast, (prompt, response) in zip(batched, examples, strict=True):
+        slow = builder.build(prompt, response)
+        for name, column in slow.columns.items():
+            assert fast.columns[name].dtype == column.dtype
+            np.testing.assert_array_equal(fast.columns[name], column, err_msg=name)
+        assert (fast.text, fast.boundary, fast.aligned_pairs, fast.optimum_pairs) == (
+            slow.text, slow.boundary, slow.aligned_pairs, slow.optimum_pairs)
+        assert (fast.prompt_truncated, fast.response_truncated) == (slow.prompt_truncated, slow.response_truncated)
+        for fast_side, slow_side in ((fast.student, slow.student), (fast.teacher, slow.teacher)):
+            for field in ("ids", "starts", "ends", "response", "alignable"):
+                np.testing.assert_array_equal(getattr(fast_side, field), getattr(slow_side, field), err_msg=field)
+            assert fast_side.straddles == slow_side.straddles
