@@ -201,8 +201,8 @@ def launch(work: Path, world: int, port: int, variants: list[str], steps: int, m
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)")
-    parser.add_argument("--rows", type=int, default=256, help="Dolly rows to prealign")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--rows", type=int, default=192, help="Dolly rows to prealign")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)

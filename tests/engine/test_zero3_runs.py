@@ -64,6 +64,8 @@ def test_dskd_eta_zero3_trains_exports_and_keeps_teacher_frozen(eta_run):
     for tag in ("step_00000002", "step_00000004"):
         assert (checkpoints / tag / "COMPLETE").is_file()
         assert (checkpoints / tag / "run_config.yaml").is_file()
+    assert list((eta_run / "tensorboard").glob("events.out.tfevents.*"))  # rank-0 TensorBoard scalars
+    assert (eta_run / "run_config.yaml").is_file()
     ds_config = json.loads((eta_run / "ds_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == 3 and ds_config["gradient_accumulation_steps"] == 2
     # In-run export reloads with identical logits; projectors saved separately.
