@@ -66,6 +66,16 @@ class RowResult:
     response_truncated: bool
 
 
+def _unique_sorted(values: np.ndarray) -> np.ndarray:
+    """np.unique for an already sorted array (without its sort)."""
+    if values.size == 0:
+        return values
+    keep = np.empty(values.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
 def _content_mask(spans: TokenSpans) -> np.ndarray:
     """Tokens that stand for text (special tokens such as BOS, and a dummy prefix, have an empty span)."""
     return np.asarray(spans.ends) > np.asarray(spans.starts)
@@ -127,7 +137,7 @@ class RowBuilder:
             content = _content_mask(spans)
             starts = np.sort(spans.starts[content])
             specials = spans.ids.size - starts.size + int(not self._has_final_eos(spans, tokenizer))
-            unique_starts = np.unique(starts)
+            unique_starts = _unique_sorted(starts)
             kept_after_cut = starts.size - np.searchsorted(starts, unique_starts, side="left")
             fitting = unique_starts[kept_after_cut <= self.max_length - specials]
             lowest = max(lowest, int(fitting[0]) if fitting.size else len(spans.ids) + boundary + 1)
@@ -143,7 +153,7 @@ class RowBuilder:
             content = _content_mask(spans)
             ends = np.sort(spans.ends[content & (spans.starts >= offset)]) - offset
             budget = self.max_length - (spans.ids.size - int(content.sum()))
-            unique_ends = np.unique(ends)
+            unique_ends = _unique_sorted(ends)
             kept_before_cut = np.searchsorted(ends, unique_ends, side="right")
             fitting = unique_ends[kept_before_cut <= budget]
             limit = int(fitting[-1]) if fitting.size else 0
