@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.dist]
 STEPS = 3
 
 
+@pytest.mark.e2e
 def test_run_deepspeed_no_ssh_two_nodes(demo_data: DemoData, tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     # Two host names for one machine: the launcher sees two nodes of one slot each.
