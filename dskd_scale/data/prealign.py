@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +318,3 @@ def run_prealign(config: PrealignConfig, group: ProcessGroup | None = None) -> d
         manifest = read_manifest(out_dir)
     return manifest
 
-
-def config_summary(config: PrealignConfig) -> dict[str, Any]:
-    """The settings as a plain dict (for logs)."""
-    return asdict(config)
