@@ -4,7 +4,9 @@ Each (variant, size) runs in its own child process so peak RSS is measured clean
 heads and hidden states, records its resident set (the baseline), runs one warm-up pass on 8 rows, then
 one measured forward+backward, and reports the wall time and ``ru_maxrss``. The memory figure compared
 is the loss's working memory: peak RSS minus the baseline (weights, inputs and their gradients are the
-same for both variants and excluded; the absolute peaks are printed too).
+same for both variants and excluded; the absolute peaks are printed too). Time is the process CPU time
+(user + system) of the measured pass with one thread, because the wall time on a shared machine swings
+with other users' load between the two child runs; the wall times are printed as well.
 
 Both variants compute the same four terms (student CE, KD_t2s with the agreement mask, CE_t2s, KD_s2t;
 forward KL, temperature 2) with the same heads, projector and s2t matrix, and their loss values are
@@ -37,6 +39,11 @@ def _rss_mb() -> float:
             if line.startswith("VmRSS"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _naive_fkl_rows(student_logits, target_logits):
@@ -121,13 +128,23 @@ def run_child(variant: str, vocab: int, tokens: int, chunk_size: int) -> None:
     warm = {k: (v[:8] if k in ("h_s", "h_t", "labels") else v) for k, v in inputs.items()}
     sum(loss_fn(warm).values()).backward()
     baseline_mb = _rss_mb()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     terms = loss_fn(inputs)
     sum(terms.values()).backward()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     values = {k: float(v) for k, v in terms.items()}
-    print(json.dumps({"seconds": seconds, "baseline_mb": baseline_mb, "peak_mb": peak_mb, "terms": values}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "baseline_mb": baseline_mb,
+                "peak_mb": peak_mb,
+                "terms": values,
+            }
+        )
+    )
 
 
 def measure(variant: str, vocab: int, tokens: int, chunk_size: int) -> dict:
@@ -161,12 +178,12 @@ def main() -> None:
                 raise RuntimeError(f"{label}: term {name} differs: chunked {ours} vs naive {value}")
         work_chunked = chunked["peak_mb"] - chunked["baseline_mb"]
         work_naive = naive["peak_mb"] - naive["baseline_mb"]
-        mem_ratio, time_ratio = work_chunked / work_naive, chunked["seconds"] / naive["seconds"]
+        mem_ratio, time_ratio = work_chunked / work_naive, chunked["cpu_seconds"] / naive["cpu_seconds"]
         print(
             f"V={vocab} N={tokens} chunk={args.chunk_size}: loss working memory {work_chunked:.0f} MB vs naive "
             f"{work_naive:.0f} MB (ratio {mem_ratio:.3f}); peak RSS {chunked['peak_mb']:.0f} vs "
-            f"{naive['peak_mb']:.0f} MB; fwd+bwd {chunked['seconds']:.2f} s vs {naive['seconds']:.2f} s "
-            f"(ratio {time_ratio:.3f})",
+            f"{naive['peak_mb']:.0f} MB; fwd+bwd CPU {chunked['cpu_seconds']:.2f} s vs {naive['cpu_seconds']:.2f} s "
+            f"(ratio {time_ratio:.3f}; wall {chunked['seconds']:.2f} s vs {naive['seconds']:.2f} s)",
             flush=True,
         )
         summary[f"mem_ratio_{label}"] = round(mem_ratio, 3)
