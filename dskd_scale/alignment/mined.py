@@ -70,7 +70,16 @@ def _pair_distances(
     long_queries = np.flatnonzero(qlen > 64)
     for q in long_queries:
         rows = np.flatnonzero(pair_query_P == q)
-        out[rows] = _distances_dp(queries[q], codes_PL[rows], lengths_P[rows])
+        short = lengths_P[rows] <= 64
+        if short.any():  # distance is symmetric: let each short candidate be the 64-bit pattern instead
+            swapped = rows[short]
+            patterns = [codes_PL[r, : lengths_P[r]] for r in swapped]
+            text = np.broadcast_to(queries[q].astype(np.uint16), (len(swapped), len(queries[q])))
+            out[swapped] = _pair_distances(
+                patterns, np.arange(len(swapped)), text, np.full(len(swapped), len(queries[q]))
+            )
+        if (~short).any():
+            out[rows[~short]] = _distances_dp(queries[q], codes_PL[rows[~short]], lengths_P[rows[~short]])
     rows = np.flatnonzero(qlen[pair_query_P] <= 64) if len(long_queries) else np.arange(len(pair_query_P))
     if not len(rows):
         return out
@@ -112,7 +121,7 @@ def _pair_distances(
 
 def _distances_dp(q: np.ndarray, codes_NL: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
     """Reference dynamic programme, vectorised over candidates (used for queries longer than 64 symbols)."""
-    n, width = codes_NL.shape
+    n, width = len(codes_NL), int(lengths_N.max(initial=0))
     prev = np.broadcast_to(np.arange(width + 1, dtype=np.int64), (n, width + 1)).copy()
     for i, code in enumerate(q, start=1):
         curr = np.empty_like(prev)
