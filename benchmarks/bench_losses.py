@@ -3,10 +3,10 @@
 Each (variant, size) runs in its own child process so peak RSS is measured cleanly: the child allocates
 heads and hidden states, records its resident set (the baseline), runs one warm-up pass on 8 rows, then
 one measured forward+backward, and reports the wall time and ``ru_maxrss``. The memory figure compared
-is the loss's working memory: peak RSS minus the baseline (weights, inputs and their gradients are the
-same for both variants and excluded; the absolute peaks are printed too). Time is the process CPU time
-(user + system) of the measured pass with one thread, because the wall time on a shared machine swings
-with other users' load between the two child runs; the wall times are printed as well.
+is the loss's working memory: peak RSS minus the baseline (weights and inputs are the same for both
+variants and excluded; the gradients the backward creates are included; absolute peaks are printed too).
+Time is the process CPU time (user + system) of the measured pass with one thread, because the wall time
+on a shared machine swings with other users' load between the two child runs; wall times are printed too.
 
 Both variants compute the same four terms (student CE, KD_t2s with the agreement mask, CE_t2s, KD_s2t;
 forward KL, temperature 2) with the same heads, projector and s2t matrix, and their loss values are
@@ -121,12 +121,13 @@ def run_child(variant: str, vocab: int, tokens: int, chunk_size: int) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     inputs = make_inputs(vocab, tokens)
-    # Gradient buffers of the trainable tensors exist in both variants; allocate them before the baseline.
-    for name in ("student_w", "projector_w", "h_s"):
-        inputs[name].grad = torch.zeros_like(inputs[name])
     loss_fn = naive_loss if variant == "naive" else lambda x: chunked_loss(x, chunk_size)
     warm = {k: (v[:8] if k in ("h_s", "h_t", "labels") else v) for k, v in inputs.items()}
     sum(loss_fn(warm).values()).backward()
+    # As after ``optimizer.zero_grad()`` (set_to_none=True, PyTorch's default): the measured backward creates
+    # the gradients, so both variants' working memory includes them.
+    for name in ("student_w", "projector_w", "h_s"):
+        inputs[name].grad = None
     baseline_mb = _rss_mb()
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     terms = loss_fn(inputs)
@@ -162,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--only", choices=sorted(SIZES), help="run one size only (the SUMMARY then lists it alone)")
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "VOCAB", "TOKENS", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -170,6 +172,8 @@ def main() -> None:
         return
     summary = {}
     for label, (vocab, tokens) in (QUICK_SIZES if args.quick else SIZES).items():
+        if args.only and label != args.only:
+            continue
         chunked = measure("chunked", vocab, tokens, args.chunk_size)
         naive = measure("naive", vocab, tokens, args.chunk_size)
         for name, value in naive["terms"].items():
@@ -191,7 +195,7 @@ def main() -> None:
         summary[f"peak_ratio_{label}"] = round(chunked["peak_mb"] / naive["peak_mb"], 3)
     order = ["mem_ratio_152k", "time_ratio_152k", "mem_ratio_32k", "time_ratio_32k"]
     order += ["peak_ratio_152k", "peak_ratio_32k"]
-    print("SUMMARY " + " ".join(f"{key}={summary[key]}" for key in order))
+    print("SUMMARY " + " ".join(f"{key}={summary[key]}" for key in order if key in summary))
 
 
 if __name__ == "__main__":
