@@ -16,9 +16,13 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 deprecates; the warning repeats every step
+# and buries the training log. Nothing for a user to act on.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dskd_scale.config.loader import ConfigError, config_to_dict, load_config  # noqa: E402
