@@ -16,7 +16,6 @@ disabled (``save_latest=False``) and replaced by the protocol above. A checkpoin
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dskd_scale.data.format import atomic_write_bytes
 from dskd_scale.engine.distributed import barrier, rank, world_size
 from dskd_scale.utils.logging import get_logger
 
@@ -42,12 +42,7 @@ def step_tag(step: int) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def rng_state() -> dict[str, Any]:

@@ -135,7 +135,10 @@ def test_plain_srun_tasks_become_ranks_only_with_a_rendezvous_address(monkeypatc
     from dskd_scale.eval.distributed import _adopt_slurm_env
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so monkeypatch records the variable and removes what _adopt_slurm_env writes afterwards;
+        # a bare delenv of an absent variable records nothing, and RANK=3 would leak into every later test.
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
