@@ -5,13 +5,13 @@ Every step runs the product's own entry points, the way a user would:
 
 1. generate the demo data and two different tokenizers (`tools/make_demo_assets.py`);
 2. prealign it offline (`tools/prealign.py`): once teacher→teacher for the teacher's SFT, once teacher→student;
-3. train the teacher with SFT (`launch/train.py`, 2 ranks, ZeRO-3) and export it;
+3. train the teacher with SFT (`launch/train.py`, one process) and export it;
 4. distil a smaller student of another architecture with `dskd_eta` (2 ranks, ZeRO-3, the `deepspeed` launcher);
 5. train the same student with SFT only, with the same budget (steps, batch, learning rate);
 6. evaluate the teacher and both students on held-out data (`tools/evaluate.py`, greedy: exact match, ROUGE-L)
    and print the table (`tools/compare_results.py`) and where the TensorBoard logs are.
 
-    python tools/demo.py --out demo_out [--ranks 2] [--teacher-steps 300] [--student-steps 250]
+    python tools/demo.py --out demo_out [--ranks 2] [--teacher-steps 1500] [--student-steps 300]
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(step: str, command: list[str], log_file: Path) -> None:
+def run(step: str, command: list[str], log_file: Path, env: dict[str, str] | None = None) -> None:
     """Run one step, teeing its output to ``log_file``; stop the demo with the log's tail if it fails."""
     print(f"\n=== {step}\n$ {' '.join(map(str, command))}", flush=True)
     started = time.perf_counter()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
@@ -58,7 +58,8 @@ def run(step: str, command: list[str], log_file: Path) -> None:
 
 def _worth_showing(line: str) -> bool:
     """Keep the console readable: summaries and metrics, not launcher chatter or progress-bar redraws."""
-    noisy = ("[INFO]", "[WARNING]", "Setting accelerator", "\r", "it/s]", "s/it]", "UserWarning", "warnings.warn")
+    noisy = ("[INFO]", "[WARNING]", "Setting accelerator", "%|", "UserWarning", "warnings.warn", "FutureWarning",
+             "return func(")
     return bool(line.strip()) and not any(token in line for token in noisy)
 
 
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="everything the demo writes goes here")
     parser.add_argument("--ranks", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     parser.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
-    parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--student-steps", type=int, default=250)
+    parser.add_argument("--teacher-steps", type=int, default=1500)
+    parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument("--eval-limit", type=int, default=200, help="held-out examples per model")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing its assets")
     args = parser.parse_args(argv)
@@ -120,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     # Each training run starts from scratch: an earlier demo's checkpoints would otherwise be resumed.
     for run_dir in ("teacher", "student_dskd_eta", "student_sft"):
         shutil.rmtree(out / run_dir, ignore_errors=True)
-    run("train the teacher (SFT)", train_command(args.ranks, args.launcher, CONFIGS / "teacher_sft.yaml", [
+    run("train the teacher (SFT, one process)", train_command(1, args.launcher, CONFIGS / "teacher_sft.yaml", [
         f"output_dir={out / 'teacher'}", f"student.tokenizer={teacher_tok}",
         f"data.train_dir={out / 'aligned_teacher'}", f"optim.max_steps={args.teacher_steps}",
-    ]), logs / "train_teacher.log")
+    ]), logs / "train_teacher.log", env={"OMP_NUM_THREADS": str(os.cpu_count() or 1)})
     student_overrides = [
         f"teacher.path={out / 'teacher' / 'export'}", f"student.tokenizer={student_tok}",
         f"data.train_dir={out / 'aligned_distill'}", f"optim.max_steps={args.student_steps}",
