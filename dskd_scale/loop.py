@@ -241,8 +241,9 @@ def train(setup: Setup) -> int:
             step_seconds = time.perf_counter() - step_start
             state.student_tokens += step_tokens
             window.add_global("perf/tokens_per_s", step_tokens / step_seconds)
-            window.add_global("train/alignment_ratio", global_counts.get("kd_t2s", 0.0)
-                              / max(global_counts.get("ce", 0.0), 1.0) / setup.world_size)
+            if "kd_t2s" in global_counts:  # aligned rows per student response token (DSKD criteria only)
+                window.add_global("train/alignment_ratio", global_counts["kd_t2s"]
+                                  / max(global_counts.get("ce", 0.0), 1.0) / setup.world_size)
             window.add_local("perf/step_seconds", step_seconds)
             window.add_local("perf/teacher_time_share", teacher_seconds / step_seconds)
             for name, value in memory_bytes().items():
