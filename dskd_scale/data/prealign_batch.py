@@ -162,7 +162,9 @@ def _split_rows(student: _FlatSide, teacher: _FlatSide, align_student: np.ndarra
                 pair_offsets: np.ndarray, optimum: np.ndarray, prompts: list[str], responses: list[str],
                 prompt_truncated: np.ndarray, response_truncated: np.ndarray) -> list[RowResult]:
     def split(values: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-        return np.split(values, offsets[1:-1])
+        # Plain slices (views): np.split costs ~0.4 ms per call in axis bookkeeping, 5% of a prealign run.
+        bounds = offsets.tolist()
+        return [values[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
     per_side = {}
     for name, side in (("student", student), ("teacher", teacher)):
