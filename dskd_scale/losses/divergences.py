@@ -150,34 +150,29 @@ def _all_finite(*tensors: Tensor) -> bool:
     return all(t.numel() == 0 or bool(t.detach().amin() > float("-inf")) for t in tensors)
 
 
-def forward_kl(student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams) -> Tensor:
-    """KL(p || q) per row, fp32 ``[N]``. Finite input takes the memory-lean fused path."""
+def _kl_rows(student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams, *, reverse: bool) -> Tensor:
+    """KL(p || q) (``reverse=False``) or KL(q || p) per row, fp32 ``[N]``; finite input takes the fused path."""
     _check_shapes(student_logits_NV, target_logits_NV)
     if _all_finite(student_logits_NV, target_logits_NV):
         return fused_kl_rows(
             student_logits_NV,
             target_logits_NV,
-            reverse=False,
+            reverse=reverse,
             temperature=params.temperature,
             target_temperature=params.target_temperature or params.temperature,
         )
     s = _Sides(student_logits_NV, target_logits_NV, params)
-    return _kl(s.p, s.log_p, s.log_q)
+    return _kl(s.q, s.log_q, s.log_p) if reverse else _kl(s.p, s.log_p, s.log_q)
+
+
+def forward_kl(student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams) -> Tensor:
+    """KL(p || q) per row, fp32 ``[N]``. Finite input takes the memory-lean fused path."""
+    return _kl_rows(student_logits_NV, target_logits_NV, params, reverse=False)
 
 
 def reverse_kl(student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams) -> Tensor:
     """KL(q || p) per row, fp32 ``[N]``. Finite input takes the memory-lean fused path."""
-    _check_shapes(student_logits_NV, target_logits_NV)
-    if _all_finite(student_logits_NV, target_logits_NV):
-        return fused_kl_rows(
-            student_logits_NV,
-            target_logits_NV,
-            reverse=True,
-            temperature=params.temperature,
-            target_temperature=params.target_temperature or params.temperature,
-        )
-    s = _Sides(student_logits_NV, target_logits_NV, params)
-    return _kl(s.q, s.log_q, s.log_p)
+    return _kl_rows(student_logits_NV, target_logits_NV, params, reverse=True)
 
 
 def js(student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams) -> Tensor:
