@@ -3,7 +3,7 @@
 
 Both measurements run side by side in this process, on the same rows, single-threaded:
 - baseline: one batch call per tokenizer returning ids and offsets (the least any cross-tokenizer pipeline does);
-- prealign: ``RowBuilder.build_many`` in chunks of 64 rows like the tool (the same batch calls, normalised spans,
+- prealign: ``batch_rows.build_rows`` in chunks of 64 rows like the tool (the same batch calls, normalised spans,
   truncation, exact token alignment, labels) plus conversion to an Arrow table: everything but the file write.
 Each is timed ``--repeats`` times, interleaved, and the best time is kept (the machine may be shared).
 Also reports coverage (aligned pairs / student response tokens) and coverage vs the exact-span optimum.
@@ -24,8 +24,9 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
-from dskd_scale.data.prealign_rows import RowBuilder  # noqa: E402
-from dskd_scale.data.prealign_shards import rows_to_table  # noqa: E402
+from dskd_scale.prealign.batch_rows import build_rows  # noqa: E402
+from dskd_scale.prealign.rows import RowBuilder  # noqa: E402
+from dskd_scale.prealign.shards import rows_to_table  # noqa: E402
 from dskd_scale.utils.assets import asset_path, missing_asset_reason  # noqa: E402
 
 PAIRS = (("gpt2", "llama2"), ("qwen1.5", "mistral"))
@@ -51,7 +52,7 @@ def _prealign(builder: RowBuilder, examples: list[tuple[str, str]], chunk: int):
     """In chunks, as tools/prealign.py's workers do (``--chunk-examples``)."""
     results = []
     for start in range(0, len(examples), chunk):
-        results += builder.build_many(examples[start:start + chunk])
+        results += build_rows(builder, examples[start:start + chunk])
     rows_to_table([r.columns for r in results], list(range(len(results))))
     return results
 
@@ -61,7 +62,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1000, help="Dolly dev rows (max 1000)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-examples", type=int, default=64, help="rows per build_many call, as in the tool")
+    parser.add_argument("--chunk-examples", type=int, default=64, help="rows per build_rows call, as in the tool")
     args = parser.parse_args()
     data = asset_path("data/dolly/dev.jsonl")
     if data is None:

@@ -3,9 +3,10 @@
 
     python tools/alignment_report.py OUT [--examples K] [--verify]
 
-Shows coverage (aligned pairs over response tokens, and against the exact-span optimum), the share of each
-vocabulary with an exact counterpart, dropped and truncated examples, and the worst-aligned examples with both
-sides' tokens: tokens joined by '·', tokens without an exact counterpart in [brackets].
+Shows coverage (aligned pairs over response tokens, and against the exact-span optimum), the histogram of
+per-example coverage (also drawn in OUT/coverage_histogram.svg; its numbers are in OUT/alignment_report.json), the
+share of each vocabulary with an exact counterpart, dropped and truncated examples, and the worst-aligned examples
+with both sides' tokens: tokens joined by '·', tokens without an exact counterpart in [brackets].
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from dskd_scale.data.format import ShardFormatError, read_manifest, verify_shards
-from dskd_scale.data.prealign_report import render_report
+from dskd_scale.prealign.report import render_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,12 @@ not rewrite the text:
 * fallback, for a piece the normaliser rewrote (NFC/NFKC, lower-casing, ...): a token keeps its tokenizer
   offsets only if its bytes equal the text they cover; every other token of that piece is unalignable.
 
-A token is **alignable** when it stands for whole characters that no other token also covers. Special
-tokens (BOS, EOS, chat markers) get their offsets as span (empty for those added by the post-processor)
-and are never alignable. All work is vectorised numpy over the tokens of one text.
+Every token gets a **byte span** (offsets into the UTF-8 text) and the smallest character span containing it.
+A token is **alignable** when it covers bytes that no other token of its tokenisation covers; a token standing
+for part of a multi-byte character (byte-level BPE, '<0xNN>' byte fallback) is alignable too, since two
+tokenisations can split an emoji or a CJK character at the same bytes. Special tokens (BOS, EOS, chat markers)
+get their offsets as span (empty for those added by the post-processor) and are never alignable. All work is
+vectorised numpy over the tokens of one text.
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ class TokenSpans:
     - ``ids`` int64 [n]: token ids as the tokenizer produced them (special tokens included).
     - ``starts``, ``ends`` int64 [n]: character offsets into the text; ``text[starts[i]:ends[i]]`` is the text
       token ``i`` stands for (empty for special tokens added by the post-processor and for a dummy prefix).
-    - ``alignable`` bool [n]: the token covers whole characters that no other token covers.
+    - ``byte_starts``, ``byte_ends`` int64 [n]: the same spans in bytes of ``text.encode("utf-8")``; a piece of a
+      multi-byte character has a byte span inside the character span it shares with the other pieces.
+    - ``word_starts`` int64 [n]: ``byte_starts`` moved past the token's leading spaces (the 'Ġ'/'▁' word-boundary
+      marker); equal to ``byte_starts`` for a token made of spaces only. Used by ``whitespace="paper"``.
+    - ``alignable`` bool [n]: the token covers (non-empty) bytes that no other token covers.
     - ``text_length``: ``len(text)`` in characters, to refuse aligning spans of different texts.
+    - ``num_bytes``: ``len(text.encode("utf-8"))``.
     - ``fingerprint``: the tokenizer's byte-table fingerprint (identical tokenizers share it).
     """
 
@@ -46,6 +54,10 @@ class TokenSpans:
     alignable: np.ndarray
     text_length: int
     fingerprint: str
+    byte_starts: np.ndarray
+    byte_ends: np.ndarray
+    word_starts: np.ndarray
+    num_bytes: int
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -73,39 +85,49 @@ class _TextIndex:
     def to_bytes(self, chars: np.ndarray) -> np.ndarray:
         return chars if self.ascii else self.char_to_byte[chars]
 
-    def to_chars(self, byte_starts: np.ndarray, byte_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Smallest character span covering each byte span, and whether it falls on character boundaries."""
+    def to_chars(self, byte_starts: np.ndarray, byte_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Smallest character span covering each byte span."""
         if self.ascii:
-            return byte_starts, byte_ends, np.ones(byte_starts.shape, dtype=bool)
-        starts = self.byte_to_char[byte_starts]
-        ends = self.byte_to_char[byte_ends]
-        end_inside_char = ~self.is_boundary[byte_ends]
-        ends = ends + end_inside_char
-        whole = self.is_boundary[byte_starts] & ~end_inside_char
-        return starts, ends, whole
+            return byte_starts, byte_ends
+        return self.byte_to_char[byte_starts], self.byte_to_char[byte_ends] + ~self.is_boundary[byte_ends]
+
+
+# Rows of the int64 [5, n] span matrix a piece is computed into (one fancy assignment moves all of them).
+_STARTS, _ENDS, _BYTE_STARTS, _BYTE_ENDS, _WORD_STARTS = range(5)
+
+
+def _word_starts(byte_starts: np.ndarray, lengths: np.ndarray, leading_spaces: np.ndarray) -> np.ndarray:
+    """Byte starts after the leading spaces; a token of spaces only keeps its start (it is its own word)."""
+    return byte_starts + np.where(leading_spaces < lengths, leading_spaces, 0)
 
 
 def _piece_spans_from_bytes(
     table: TokenTable, ids: np.ndarray, piece_bytes: bytes, byte_offset: int, index: _TextIndex
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Spans of the content tokens ``ids`` that tile ``piece_bytes``, or None when their bytes do not match."""
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(span matrix int64 [5, n], alignable bool [n]) of the content tokens ``ids`` that tile ``piece_bytes``, or
+    None when their bytes do not match."""
     lengths = table.byte_lengths[ids]  # fancy indexing: already a copy
+    leading_spaces = table.leading_spaces[ids]
     joined = b"".join(table.bytes_array[ids].tolist())
     if joined != piece_bytes:
         # SentencePiece inserts one dummy '▁' before the first token of a piece; it stands for no text
         if not (len(joined) == len(piece_bytes) + 1 and joined[:1] == b" " and joined[1:] == piece_bytes):
             return None
-        lengths[int(np.argmax(lengths > 0))] -= 1
-    byte_ends = np.cumsum(lengths)
+        first = int(np.argmax(lengths > 0))
+        lengths[first] -= 1
+        leading_spaces[first] -= 1
+    spans = np.empty((5, ids.size), dtype=np.int64)
+    byte_ends = np.cumsum(lengths, out=spans[_BYTE_ENDS])
     byte_ends += byte_offset
-    byte_starts = byte_ends - lengths
-    starts, ends, whole = index.to_chars(byte_starts, byte_ends)
-    return starts, ends, whole & (lengths > 0)
+    byte_starts = np.subtract(byte_ends, lengths, out=spans[_BYTE_STARTS])
+    spans[_STARTS], spans[_ENDS] = index.to_chars(byte_starts, byte_ends)
+    spans[_WORD_STARTS] = _word_starts(byte_starts, lengths, leading_spaces)
+    return spans, lengths > 0
 
 
 def _piece_spans_verified(
     table: TokenTable, ids: np.ndarray, offsets: np.ndarray, text_bytes: bytes, index: _TextIndex
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Fallback: tokenizer offsets, kept alignable only where the token's bytes equal the text they cover."""
     starts, ends = offsets[:, 0].copy(), offsets[:, 1].copy()
     byte_starts, byte_ends = index.to_bytes(starts), index.to_bytes(ends)
@@ -121,7 +143,8 @@ def _piece_spans_verified(
         text_positions = np.repeat(byte_starts[candidate], cand_lengths) + within
         mismatch = (token_stream != text_stream[text_positions]).astype(np.int64)
         verified[candidate] = np.add.reduceat(mismatch, token_starts) == 0
-    return starts, ends, verified
+    word_starts = _word_starts(byte_starts, np.where(verified, lengths, 0), table.leading_spaces[ids])
+    return np.stack([starts, ends, byte_starts, byte_ends, word_starts]), verified
 
 
 OffsetsAt = Callable[[np.ndarray], np.ndarray]  # token positions int [k] -> their char offsets int64 [k, 2]
@@ -159,6 +182,20 @@ def spans_from_encoding(
     return _spans(token_table(tokenizer, name), text, ids, _offsets_from_sequence(offsets), name)
 
 
+def spans_from_ids(tokenizer: Any, text: str, ids: Sequence[int], *, name: str = "tokenizer") -> TokenSpans:
+    """Normalised spans of ids that spell ``text`` without an encoding (sampled ids, a stored prompt).
+
+    Special tokens get an empty span at the text start (they stand for no text). Where the ids' bytes do not tile
+    the text (a normaliser rewrote it, or the ids spell another text) no offsets exist to fall back on, and the
+    tokens of that piece are unalignable.
+    """
+    return _spans(token_table(tokenizer, name), text, ids, _no_offsets, name)
+
+
+def _no_offsets(positions: np.ndarray) -> np.ndarray:
+    return np.zeros((positions.size, 2), dtype=np.int64)
+
+
 def _spans(table: TokenTable, text: str, ids: Sequence[int], offsets_at: OffsetsAt, name: str) -> TokenSpans:
     """Core of ``spans_from_encoding``; offsets are read only for special tokens and fallback pieces."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -168,36 +205,44 @@ def _spans(table: TokenTable, text: str, ids: Sequence[int], offsets_at: Offsets
     index = _TextIndex(text, text_bytes)
     is_special = table.byte_lengths[ids] < 0
     if not is_special.any():  # the common case: one piece, no special token, no offsets needed
-        spans = _piece_spans_from_bytes(table, ids, text_bytes, 0, index)
-        if spans is not None:
-            starts, ends, alignable = spans
-            return TokenSpans(ids, starts, ends, alignable, index.num_chars, table.fingerprint)
-    starts = np.zeros(ids.shape[0], dtype=np.int64)
-    ends = np.zeros(ids.shape[0], dtype=np.int64)
-    whole = np.zeros(ids.shape[0], dtype=bool)
+        piece = _piece_spans_from_bytes(table, ids, text_bytes, 0, index)
+        if piece is not None:
+            return _token_spans(ids, *piece, index, len(text_bytes), table.fingerprint)
+    spans = np.zeros((5, ids.shape[0]), dtype=np.int64)
+    alignable = np.zeros(ids.shape[0], dtype=bool)
     special_positions = np.flatnonzero(is_special)
     if special_positions.size:  # specials keep their offsets: empty when added, the literal when spelled out
-        special_offsets = offsets_at(special_positions)
-        starts[special_positions], ends[special_positions] = special_offsets[:, 0], special_offsets[:, 1]
+        special_offsets = offsets_at(special_positions).T
+        byte_offsets = index.to_bytes(special_offsets)
+        spans[:, special_positions] = np.concatenate([special_offsets, byte_offsets, byte_offsets[:1]])
+    starts, ends = spans[_STARTS], spans[_ENDS]
     consuming_special = is_special & (ends > starts)  # a special token spelled out in the text splits it
     content = np.flatnonzero(~is_special)
     used_fallback = False
     for members, byte_start, byte_end in _pieces(content, consuming_special, starts, ends, index, len(text_bytes)):
-        spans = _piece_spans_from_bytes(table, ids[members], text_bytes[byte_start:byte_end], byte_start, index)
-        if spans is None:
-            spans = _piece_spans_verified(table, ids[members], offsets_at(members), text_bytes, index)
+        piece = _piece_spans_from_bytes(table, ids[members], text_bytes[byte_start:byte_end], byte_start, index)
+        if piece is None:
+            piece = _piece_spans_verified(table, ids[members], offsets_at(members), text_bytes, index)
             used_fallback = True
-        starts[members], ends[members], whole[members] = spans
+        spans[:, members], alignable[members] = piece
+    if used_fallback:  # byte-tiled pieces never overlap; verified offsets may (a dummy '▁' claiming character 0)
+        alignable &= _covers_alone(spans[_BYTE_STARTS], spans[_BYTE_ENDS])
+    return _token_spans(ids, spans, alignable, index, len(text_bytes), table.fingerprint)
 
-    # byte-tiled pieces never overlap; verified tokenizer offsets may (a dummy '▁' claiming character 0)
-    alignable = whole & _covers_alone(starts, ends) if used_fallback else whole
+
+def _token_spans(ids: np.ndarray, spans: np.ndarray, alignable: np.ndarray, index: _TextIndex, num_bytes: int,
+                 fingerprint: str) -> TokenSpans:
     return TokenSpans(
         ids=ids,
-        starts=starts,
-        ends=ends,
+        starts=spans[_STARTS],
+        ends=spans[_ENDS],
         alignable=alignable,
         text_length=index.num_chars,
-        fingerprint=table.fingerprint,
+        fingerprint=fingerprint,
+        byte_starts=spans[_BYTE_STARTS],
+        byte_ends=spans[_BYTE_ENDS],
+        word_starts=spans[_WORD_STARTS],
+        num_bytes=num_bytes,
     )
 
 

@@ -122,6 +122,8 @@ class TokenTable:
     - ``byte_lengths`` int64 [len(tokenizer)]: ``len(token_bytes[i])``, −1 where None.
     - ``bytes_array``: object ndarray of ``token_bytes`` (fancy-indexable for a vectorised join).
     - ``byte_fallback`` bool [len(tokenizer)]: id is a '<0xNN>' byte-fallback token.
+    - ``leading_spaces`` int64 [len(tokenizer)]: number of space bytes the token's bytes start with (the
+      word-boundary marker 'Ġ'/'▁' the paper's whitespace-insensitive matching removes).
     - ``special_ids``: ids with no bytes of their own (BOS, EOS, PAD, UNK, chat markers, ...).
     - ``fingerprint``: sha256 over the whole byte table; equal fingerprints mean identical tokenizations.
     """
@@ -130,6 +132,7 @@ class TokenTable:
     byte_lengths: np.ndarray
     bytes_array: np.ndarray
     byte_fallback: np.ndarray
+    leading_spaces: np.ndarray
     special_ids: frozenset[int]
     fingerprint: str
     vocab_size: int
@@ -167,6 +170,8 @@ def _build_table(tokenizer: Any, name: str) -> TokenTable:
     lengths = np.fromiter((-1 if b is None else len(b) for b in table), dtype=np.int64, count=size)
     bytes_array = np.empty(size, dtype=object)
     bytes_array[:] = [b"" if b is None else b for b in table]
+    leading_spaces = np.fromiter((0 if b is None else len(b) - len(b.lstrip(b" ")) for b in table),
+                                 dtype=np.int64, count=size)
     digest = hashlib.sha256()
     digest.update(lengths.tobytes())
     digest.update(b"".join(bytes_array.tolist()))
@@ -175,6 +180,7 @@ def _build_table(tokenizer: Any, name: str) -> TokenTable:
         byte_lengths=lengths,
         bytes_array=bytes_array,
         byte_fallback=fallback,
+        leading_spaces=leading_spaces,
         special_ids=frozenset(special_ids),
         fingerprint=digest.hexdigest(),
         vocab_size=size,

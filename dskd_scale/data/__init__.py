@@ -1,7 +1,7 @@
 """Training data: prealigned shard reader, resumable distributed sampler, dynamic-padding collate, loader.
 
-The shard format itself (manifest, fingerprints, checksums) lives in ``dskd_scale.data.format`` and the offline
-prealignment in ``dskd_scale.data.prealign*``; import those modules directly.
+The shard format itself (manifest, fingerprints, checksums) lives in ``dskd_scale.data.format`` (import it directly);
+the offline prealignment that writes the shards is the ``dskd_scale.prealign`` package, which this one never imports.
 """
 
 from dskd_scale.data.collate import Collator, pad_right

@@ -1,6 +1,6 @@
 """The prealigned shard format (docs/design.md, Contract 1): names, fingerprints, manifest, checksums.
 
-Written by ``tools/prealign.py`` (``dskd_scale.data.prealign``) and read by the training side, which uses
+Written by ``tools/prealign.py`` (``dskd_scale.prealign``) and read by the training side, which uses
 ``read_manifest`` / ``verify_shards`` / ``check_tokenizer`` / ``load_vocab_map`` to refuse unknown format
 versions, corrupted shards and tokenizers other than the ones the shards were built with.
 
@@ -69,10 +69,27 @@ def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def temporary_path(path: str | os.PathLike) -> Path:
+    """The hidden name a file is written under before its atomic rename (one per process)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``path`` that a killed writer left (``temporary_path`` of any process).
+
+    Call it only where no other process can be writing ``path`` at the same time."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.tmp-*"))
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete, never partial."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = temporary_path(path)
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()

@@ -1,12 +1,14 @@
 """Evaluation data: one ``EvalExample`` per row, with ``file:line`` provenance for every example and every error.
 
-Formats (see ``../shared/assets/README.md``):
+Formats (those of the DSKD/MiniLLM data releases and of the original benchmark files):
 - instruction following (Dolly/SelfInst/Vicuna/S-NI/UnNI): JSONL rows with ``prompt`` (the Alpaca-style prompt,
   already templated) and ``output`` (a string or a list of reference strings);
 - GSM8K: JSONL rows with ``question`` and ``answer`` (ending in ``#### <number>``);
 - HumanEval: JSONL (optionally ``.gz``) rows with ``task_id``, ``prompt``, ``test``, ``entry_point``;
 - MBPP: the sanitized JSON list (or the original JSONL) with ``task_id``, ``prompt``/``text``, ``code``,
   ``test_list`` and optionally ``test_imports``.
+Any of them may also come as Parquet/CSV/TSV, a ``datasets`` ``save_to_disk`` folder or a Hub dataset ``hf:NAME``
+(``dskd_scale.utils.data_sources``); their rows are located as ``file row N``.
 A malformed row raises ``DataError`` naming ``file:line`` or, with ``on_bad_row="skip"``, is counted in ``skipped``.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd_scale.eval.answers import gsm8k_reference_answer
+from dskd_scale.utils.data_sources import HUB_PREFIX, DataSourceError, MalformedRow, iter_rows, parse_spec
 
 
 class DataError(ValueError):
@@ -47,10 +50,15 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(``file:line``, parsed row or the DataError to raise) for a JSONL file or a JSON list."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+def _rows(source: str | Path) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, parsed row or the DataError to raise) for a JSONL file or a JSON list; other formats
+    (Parquet, CSV, ``save_to_disk`` folders, ``hf:NAME``) through ``datasets``, located as ``file row N``."""
+    path = Path(source)
+    if not path.is_file() or _suffix(path) not in (".json", ".jsonl", ".jsonl.gz", ".json.gz"):
+        if not path.exists() and not str(source).startswith(HUB_PREFIX) and "?" not in str(source):
+            raise DataError(f"data file not found: {path}")
+        yield from _dataset_rows(str(source))
+        return
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -72,6 +80,18 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, DataError(f"{where}: not valid JSON: {err.msg}")
 
 
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+
+
+def _dataset_rows(source: str) -> Iterator[tuple[str, Any]]:
+    try:
+        for _, where, row in iter_rows(parse_spec(source)):
+            yield where, DataError(row.message) if isinstance(row, MalformedRow) else row
+    except DataSourceError as err:
+        raise DataError(str(err)) from err
+
+
 def _require(row: Any, where: str, **types: type | tuple[type, ...]) -> None:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -84,7 +104,7 @@ def _require(row: Any, where: str, **types: type | tuple[type, ...]) -> None:
 
 def _load(path: str | Path, build: Callable[[int, str, Any], EvalExample], on_bad_row: str, limit: int | None):
     examples, skipped = [], []
-    for index, (where, row) in enumerate(_rows(Path(path))):
+    for index, (where, row) in enumerate(_rows(path)):
         if limit is not None and len(examples) >= limit:
             break
         try:

@@ -80,8 +80,9 @@ def all_texts(dolly_texts, vector_texts) -> list[str]:
 
 @pytest.fixture(scope="session")
 def encoded(tokenizers, all_texts):
-    """(tokenizer name, text index) -> (TokenSpans, reference spans), computed once for all tests."""
-    from alignment_reference import reference_spans
+    """(tokenizer name, text index) -> (TokenSpans, reference character spans, reference byte spans), computed once
+    for all tests."""
+    from alignment_reference import reference_byte_spans, reference_spans
 
     from dskd_scale.alignment import encode_with_spans
 
@@ -89,5 +90,7 @@ def encoded(tokenizers, all_texts):
     for name, tokenizer in tokenizers.items():
         for index, text in enumerate(all_texts):
             spans = encode_with_spans(tokenizer, text)
-            cache[name, index] = (spans, reference_spans(tokenizer, spans.ids.tolist(), text))
+            reference = reference_spans(tokenizer, spans.ids.tolist(), text)
+            byte_reference = reference_byte_spans(tokenizer, spans.ids.tolist(), text, reference)
+            cache[name, index] = (spans, reference, byte_reference)
     return cache

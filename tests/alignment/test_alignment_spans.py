@@ -22,21 +22,24 @@ pytestmark = pytest.mark.assets
 
 def assert_alignable_tokens_spell_their_span(tokenizer, spans, text):
     raw = token_bytes(tokenizer)
+    data = text.encode("utf-8")
     for position in np.flatnonzero(spans.alignable).tolist():
-        piece = text[spans.starts[position] : spans.ends[position]]
-        spelled = raw[spans.ids[position]].decode("utf-8")
-        assert spelled == piece or (spans.starts[position] == 0 and spelled == " " + piece), (spelled, piece)
+        piece = data[spans.byte_starts[position] : spans.byte_ends[position]]
+        spelled = raw[spans.ids[position]]
+        assert spelled == piece or (spans.byte_starts[position] == 0 and spelled == b" " + piece), (spelled, piece)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen1.5", "llama2", "mistral"])
 def test_spans_agree_with_the_decoder_reference(name, all_texts, encoded):
     for index, text in enumerate(all_texts):
-        spans, reference = encoded[name, index]
-        assert spans.text_length == len(text)
-        reference_whole = np.array([bool(span and span[2]) for span in reference])
+        spans, reference, byte_reference = encoded[name, index]
+        assert spans.text_length == len(text) and spans.num_bytes == len(text.encode("utf-8"))
+        reference_whole = np.array([bool(span and span[2]) for span in byte_reference])
         np.testing.assert_array_equal(spans.alignable, reference_whole, err_msg=repr(text[:80]))
         for position in np.flatnonzero(spans.alignable).tolist():
-            assert (spans.starts[position], spans.ends[position]) == reference[position][:2], text[:80]
+            assert (spans.byte_starts[position], spans.byte_ends[position]) == byte_reference[position][:2], text[:80]
+            if reference[position][2]:  # alone in its character group: the character span is the group's
+                assert (spans.starts[position], spans.ends[position]) == reference[position][:2], text[:80]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen1.5", "llama2", "mistral"])
@@ -87,13 +90,38 @@ def test_sentencepiece_dummy_prefix_covers_no_text(tokenizers):
     assert not mistral.alignable[0] and mistral.starts[0] == mistral.ends[0]  # BOS: empty, never aligned
 
 
-def test_multibyte_pieces_share_a_span_and_never_align(tokenizers):
+def test_multibyte_pieces_share_a_character_span_and_have_their_own_bytes(tokenizers):
     text = "a🙂b"
     for name in ("gpt2", "llama2"):  # gpt2: 'ðŁ','ĻĤ'; llama2: four '<0xNN>' byte-fallback tokens
         spans = encode_with_spans(tokenizers[name], text)
         emoji = (spans.starts == 1) & (spans.ends == 2)
-        assert emoji.sum() >= 2 and not spans.alignable[emoji].any()
+        assert emoji.sum() >= 2 and spans.alignable[emoji].all()
+        np.testing.assert_array_equal(spans.byte_starts[emoji][1:], spans.byte_ends[emoji][:-1])
+        assert spans.byte_starts[emoji][0] == 1 and spans.byte_ends[emoji][-1] == 5  # the emoji's 4 bytes
         assert spans.alignable[spans.starts == 0].any() and spans.alignable[spans.starts == 2].any()
+        assert_alignable_tokens_spell_their_span(tokenizers[name], spans, text)
+
+
+def test_pieces_of_one_character_pair_when_both_sides_split_it_at_the_same_bytes(tokenizers):
+    """Byte-level completeness: 'æĸ','ĩ' (文 split after 2 bytes) on one side pairs with the same pieces on
+    another tokenizer: GPT-2 against Qwen with the two merges that make 文 and 中文 whole removed (same vocabulary,
+    so only the split differs)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizers["qwen1.5"].backend_tokenizer.to_str())
+    removed = {"ä¸Ńæĸĩ", "æĸĩ"}  # 中文 and 文 as single Qwen tokens
+    state["model"]["merges"] = [m for m in state["model"]["merges"]
+                                if (m if isinstance(m, str) else " ".join(m)).replace(" ", "") not in removed]
+    variant = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)))
+    text = "中文"
+    spans_v, spans_g = encode_with_spans(variant, text), encode_with_spans(tokenizers["gpt2"], text)
+    assert variant.convert_ids_to_tokens(spans_v.ids.tolist()) == ["ä¸Ń", "æĸ", "ĩ"]
+    assert tokenizers["gpt2"].convert_ids_to_tokens(spans_g.ids.tolist()) == ["ä¸Ń", "æĸ", "ĩ"]
+    positions_v, positions_g = exact_token_alignment(spans_v, spans_g)
+    assert positions_v.tolist() == positions_g.tolist() == [0, 1, 2]  # 'æĸ' and 'ĩ' are pieces of 文
 
 
 def test_normaliser_rewritten_text_falls_back_to_verified_offsets(tokenizers):

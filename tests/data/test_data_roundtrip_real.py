@@ -27,7 +27,7 @@ def real_run(tmp_path_factory):
     """(prealigned folder, student tokenizer, teacher tokenizer, fingerprints by role), built once per module."""
     from transformers import AutoTokenizer
 
-    from dskd_scale.data.prealign import PrealignConfig, run_prealign
+    from dskd_scale.prealign.pipeline import PrealignConfig, run_prealign
 
     dolly, student_dir, teacher_dir = (
         _asset(p) for p in ("data/dolly/dev.jsonl", "tokenizers/gpt2", "tokenizers/llama2")

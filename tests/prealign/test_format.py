@@ -43,7 +43,7 @@ def test_fingerprint_refuses_slow_tokenizer():
 
 def _write_minimal_output(directory, rows=3):
     """A valid output folder with one shard, written through the format's own writers."""
-    from dskd_scale.data.prealign_shards import rows_to_table, write_shard
+    from dskd_scale.prealign.shards import rows_to_table, write_shard
 
     row = {name: np.arange(1, 5, dtype=np.int32) for name in shard_format.INT32_LIST_COLUMNS}
     table = rows_to_table([row] * rows, list(range(rows)))

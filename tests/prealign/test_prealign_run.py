@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dskd_scale.data import format as shard_format
-from dskd_scale.data.prealign import PrealignConfig, PrealignError, run_prealign
-from dskd_scale.data.prealign_shards import shard_record_path
+from dskd_scale.prealign.pipeline import PrealignConfig, PrealignError, run_prealign
+from dskd_scale.prealign.shards import shard_record_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,14 +46,16 @@ def test_demo_end_to_end_manifest_and_shards(reference_run, demo, load_tokenizer
     assert manifest["teacher_tokenizer"]["fingerprint"] == shard_format.tokenizer_fingerprint(teacher)
     assert manifest["student_tokenizer"]["len"] == len(student)
     assert manifest["student_tokenizer"]["bos_token_id"] == student.bos_token_id is not None
-    assert manifest["sources"] == [{"path": str(demo["train"]), "sha256": shard_format.file_sha256(demo["train"]),
-                                    "first_example_index": 0, "rows": 400}]
+    assert manifest["sources"] == [{"path": str(demo["train"]), "format": "jsonl", "rows": 400,
+                                    "sha256": shard_format.file_sha256(demo["train"]), "first_example_index": 0}]
     assert manifest["max_length"] == 96 and "prompt cut from the left" in manifest["truncation"]["policy"]
     stats = manifest["stats"]
     assert stats["examples"] == 400 and stats["dropped_examples"]["total"] == 0
     assert [shard["rows"] for shard in manifest["shards"]] == [133, 133, 134]
     assert 0.5 < stats["coverage"] <= 1.0 and stats["coverage_vs_optimum"] == 1.0
     assert 0.0 < stats["teacher_vocab_mapped_fraction"] < 1.0
+    assert manifest["alignment"] == {"whitespace": "exact"}
+    assert stats["coverage_other_whitespace"] >= stats["coverage"]  # paper mode pairs a superset
 
     table = pq.read_table(out / manifest["shards"][1]["file"])
     assert table.column("example_index").to_pylist() == list(range(133, 266))
@@ -108,6 +110,38 @@ def test_resume_skips_complete_shards_and_redoes_broken_ones(reference_run, demo
     assert (out / "shard-00000.parquet").stat().st_mtime_ns != untouched
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing in the run may catch it."""
+
+
+def test_a_run_killed_while_writing_the_vocabulary_map_leaves_no_stale_file_after_the_rerun(
+        reference_run, demo, tmp_path, monkeypatch):
+    reference, _ = reference_run
+    out = tmp_path / "killed"
+    real_replace = os.replace
+
+    def killed_at_the_vocab_map_rename(source, target):
+        if Path(target).name == shard_format.VOCAB_MAP_FILE:
+            raise _Killed()
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_vocab_map_rename)
+    with pytest.raises(_Killed):
+        run_prealign(_config(demo, out))
+    monkeypatch.undo()
+    hidden = sorted(path.name for path in out.rglob(".*"))
+    assert hidden == [f".{shard_format.VOCAB_MAP_FILE}.tmp-{os.getpid()}"]  # what the kill leaves
+    # Leftovers of other killed processes, beside complete files, are also removed.
+    (out / ".manifest.json.tmp-424242").write_bytes(b"{")
+    (out / ".shard-00000.parquet.tmp-424242").write_bytes(b"PAR1")
+    (out / ".shard-00007.parquet.tmp-424242").write_bytes(b"PAR1")  # from an earlier run with more shards
+    (out / "shard_stats" / ".shard-00001.json.tmp-424242").write_bytes(b"{")
+
+    run_prealign(_config(demo, out))
+    assert sorted(path.name for path in out.rglob(".*")) == []
+    assert _output_bytes(out) == _output_bytes(reference)
+
+
 def test_worker_pool_output_is_byte_identical(reference_run, demo, tmp_path):
     reference, _ = reference_run
     run_prealign(_config(demo, tmp_path, workers=2, chunk_examples=37))
@@ -153,3 +187,26 @@ def test_failure_on_another_rank_fails_this_rank_without_manifest(demo, tmp_path
         run_prealign(_config(demo, tmp_path, num_shards=2), group=_TwoRankView("rank 1: data.jsonl:7: boom"))
     assert (tmp_path / "shard-00000.parquet").exists()  # its own shard is kept for the resumed run
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_paper_whitespace_run_records_its_mode_and_both_coverages(reference_run, demo, tmp_path):
+    """`tools/prealign.py --whitespace paper`: the manifest says so, its coverage is what the exact run reported
+    for the other mode, and the report prints both."""
+    exact = reference_run[1]["stats"]
+    out = tmp_path / "paper"
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "tools/prealign.py"), "--teacher-tokenizer", str(demo["teacher_tokenizer"]),
+         "--student-tokenizer", str(demo["student_tokenizer"]), "--data", str(demo["train"]), "--out", str(out),
+         "--max-length", "96", "--num-shards", "3", "--workers", "1", "--chunk-examples", "50",
+         "--whitespace", "paper"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = shard_format.verify_shards(out)
+    stats = manifest["stats"]
+    assert manifest["alignment"] == {"whitespace": "paper"} and stats["coverage_vs_optimum"] == 1.0
+    assert stats["aligned_pairs"] == exact["other_whitespace_pairs"]
+    assert stats["other_whitespace_pairs"] == exact["aligned_pairs"]
+    assert "whitespace paper (used)" in done.stdout and "whitespace exact would give" in done.stdout
+    bad = subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/prealign.py"), "--whitespace", "loose"],
+                         capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert bad.returncode == 2 and "--whitespace" in bad.stderr

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dskd_scale.data.format import IGNORE_INDEX
-from dskd_scale.data.prealign_rows import RowBuilder
+from dskd_scale.prealign.batch_rows import build_rows
+from dskd_scale.prealign.rows import RowBuilder
 
 pytestmark = pytest.mark.assets
 
@@ -20,7 +21,7 @@ def read_jsonl(path) -> list[dict]:
 PAIRS = [("tokenizers/gpt2", "tokenizers/llama2"), ("tokenizers/qwen1.5", "tokenizers/mistral")]
 
 
-def check_contract(result, teacher, student, max_length: int) -> None:
+def check_contract(result, teacher, student, max_length: int, whitespace: str = "exact") -> None:
     """Every Contract 1 property of one row, checked against the row's own text."""
     columns, text, boundary = result.columns, result.text, result.boundary
     for side, tokenizer, encoding in (("student", student, result.student), ("teacher", teacher, result.teacher)):
@@ -53,9 +54,18 @@ def check_contract(result, teacher, student, max_length: int) -> None:
     assert np.all(columns["student_labels"][align_s] != IGNORE_INDEX)
     assert np.all(columns["teacher_labels"][align_t] != IGNORE_INDEX)
     s, t = result.student, result.teacher
-    # Aligned tokens cover exactly the same characters of the same text; EOS pairs with EOS only.
-    np.testing.assert_array_equal(s.starts[align_s], t.starts[align_t])
-    np.testing.assert_array_equal(s.ends[align_s], t.ends[align_t])
+    # Aligned tokens cover exactly the same bytes (so characters) of the same text, in paper mode once leading
+    # spaces are removed; EOS pairs with EOS only.
+    data = text.encode("utf-8")
+    stripped = [[data[a:b].lstrip(b" ") or data[a:b] for a, b in zip(side.byte_starts[align], side.byte_ends[align],
+                                                                      strict=True)] for side, align in
+                ((s, align_s), (t, align_t))]
+    assert stripped[0] == stripped[1]
+    np.testing.assert_array_equal(s.byte_ends[align_s], t.byte_ends[align_t])
+    if whitespace == "exact":
+        np.testing.assert_array_equal(s.byte_starts[align_s], t.byte_starts[align_t])
+        np.testing.assert_array_equal(s.starts[align_s], t.starts[align_t])
+        np.testing.assert_array_equal(s.ends[align_s], t.ends[align_t])
     s_eos = columns["student_input_ids"][align_s] == student.eos_token_id
     t_eos = columns["teacher_input_ids"][align_t] == teacher.eos_token_id
     np.testing.assert_array_equal(s_eos, t_eos)
@@ -70,7 +80,7 @@ def test_contract_on_dolly(tokenizer, dolly_slice, teacher_name, student_name):
     teacher, student = tokenizer(teacher_name), tokenizer(student_name)
     rows = read_jsonl(dolly_slice(80))[::2]
     builder = RowBuilder(teacher, student, max_length=512)
-    results = builder.build_many([(row["prompt"], row["output"]) for row in rows])
+    results = build_rows(builder, [(row["prompt"], row["output"]) for row in rows])
     for row, result in zip(rows, results, strict=True):
         if not (result.prompt_truncated or result.response_truncated):
             assert result.text == row["prompt"] + row["output"]
@@ -78,7 +88,24 @@ def test_contract_on_dolly(tokenizer, dolly_slice, teacher_name, student_name):
     aligned = sum(r.aligned_pairs for r in results)
     student_tokens = sum(int(r.student.response.sum()) for r in results)
     assert aligned >= 0.5 * student_tokens  # the pairs really align most of the text, not only EOS
-    assert aligned == sum(r.optimum_pairs for r in results)  # ETA reaches the exact-span optimum
+    assert aligned == sum(r.optimum_pairs for r in results)  # ETA reaches the byte-span optimum
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name"), PAIRS)
+def test_paper_whitespace_rows_contain_the_exact_rows_pairs(tokenizer, dolly_slice, teacher_name, student_name):
+    teacher, student = tokenizer(teacher_name), tokenizer(student_name)
+    examples = [(row["prompt"], row["output"]) for row in read_jsonl(dolly_slice(40))[::2]]
+    exact = build_rows(RowBuilder(teacher, student, max_length=512), examples)
+    paper = build_rows(RowBuilder(teacher, student, max_length=512, whitespace="paper"), examples)
+    for e, p in zip(exact, paper, strict=True):
+        check_contract(p, teacher, student, 512, whitespace="paper")
+        np.testing.assert_array_equal(e.columns["student_input_ids"], p.columns["student_input_ids"])
+        pairs_e = set(zip(e.columns["align_student"].tolist(), e.columns["align_teacher"].tolist(), strict=True))
+        pairs_p = set(zip(p.columns["align_student"].tolist(), p.columns["align_teacher"].tolist(), strict=True))
+        assert pairs_e <= pairs_p
+        # each row reports what the other mode gives, and it is what the other mode gives
+        assert (e.other_whitespace_pairs, p.other_whitespace_pairs) == (p.aligned_pairs, e.aligned_pairs)
+        assert p.aligned_pairs == p.optimum_pairs
 
 
 @pytest.mark.parametrize(("teacher_name", "student_name"), PAIRS)
@@ -128,7 +155,7 @@ def test_token_straddling_boundary_counts_as_prompt(tokenizer):
 def test_identical_tokenizers_align_every_response_token(tokenizer, dolly_slice):
     llama = tokenizer("tokenizers/llama2")
     rows = read_jsonl(dolly_slice(20))
-    for result in RowBuilder(llama, llama, max_length=512).build_many([(r["prompt"], r["output"]) for r in rows]):
+    for result in build_rows(RowBuilder(llama, llama, max_length=512), [(r["prompt"], r["output"]) for r in rows]):
         response = np.flatnonzero(result.student.response)
         np.testing.assert_array_equal(result.columns["align_student"], response)
         np.testing.assert_array_equal(result.columns["align_teacher"], response)
@@ -141,7 +168,7 @@ def test_batched_rows_equal_row_by_row(tokenizer, dolly_slice, teacher_name, stu
     teacher, student = tokenizer(teacher_name), tokenizer(student_name)
     examples = [(r["prompt"], r["output"]) for r in read_jsonl(dolly_slice(80))[1::3]]
     builder = RowBuilder(teacher, student, max_length=max_length)
-    batched = builder.build_many(examples)
+    batched = build_rows(builder, examples)
     assert max_length > 200 or sum(r.prompt_truncated for r in batched) > 5  # the truncation path is covered
     for fast, (prompt, response) in zip(batched, examples, strict=True):
         slow = builder.build(prompt, response)
@@ -152,6 +179,6 @@ def test_batched_rows_equal_row_by_row(tokenizer, dolly_slice, teacher_name, stu
             slow.text, slow.boundary, slow.aligned_pairs, slow.optimum_pairs)
         assert (fast.prompt_truncated, fast.response_truncated) == (slow.prompt_truncated, slow.response_truncated)
         for fast_side, slow_side in ((fast.student, slow.student), (fast.teacher, slow.teacher)):
-            for field in ("ids", "starts", "ends", "response", "alignable"):
+            for field in ("ids", "starts", "ends", "response", "alignable", "byte_starts", "byte_ends", "word_starts"):
                 np.testing.assert_array_equal(getattr(fast_side, field), getattr(slow_side, field), err_msg=field)
             assert fast_side.straddles == slow_side.straddles

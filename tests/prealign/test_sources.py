@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dskd_scale.data.prealign_sources import PrealignInputError, count_drops, read_examples, scan_sources
+from dskd_scale.prealign.prompts import PromptFormat, RowRenderer
+from dskd_scale.prealign.sources import PrealignInputError, count_drops, read_examples, scan_sources
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,15 +25,16 @@ def _row(prompt="Q: ", output="A.") -> str:
 
 def _read_all(sources, skip_bad_rows=False):
     total = sum(s.rows for s in sources)
-    return read_examples(sources, [(0, total)], prompt_field="prompt", response_field="output",
-                         skip_bad_rows=skip_bad_rows)
+    examples, drops, _ = read_examples(sources, [(0, total)], renderer=RowRenderer(PromptFormat()),
+                                       skip_bad_rows=skip_bad_rows)
+    return examples, drops
 
 
 @pytest.mark.parametrize(
     ("bad_line", "message"),
     [
         ('{"prompt": "x", "output": ', "not valid JSON"),
-        ("[1, 2]", "valid JSON but not an object"),
+        ("[1, 2]", "a row must be an object, got list"),
         ('{"prompt": "x"}', "missing field 'output'"),
         ('{"prompt": 3, "output": "y"}', "field 'prompt' must be a string"),
         ('{"prompt": "x", "output": {"a": 1}}', "field 'output' must be a string"),
@@ -66,7 +68,7 @@ def test_skip_bad_rows_counts_every_reason_and_keeps_indices(tmp_path):
     assert examples[6].response == "first ref"  # Dolly multi-reference output: the first is the target
     assert examples[7].location.endswith("mixed.jsonl:9")
     assert count_drops(drops) == {"malformed_json": 1, "missing_field": 1, "non_string_field": 1,
-                                  "empty_response": 2}
+                                  "empty_response": 2, "bad_messages": 0, "unused_field": 0}
 
 
 def test_empty_response_is_dropped_even_without_skip(tmp_path):
@@ -79,8 +81,7 @@ def test_only_requested_index_ranges_are_parsed(tmp_path):
     # A bad row outside the requested range belongs to another rank's shard and must not fail this one.
     path = _write(tmp_path / "r.jsonl", [_row(output=f"r{i}") for i in range(4)] + ["{bad"] + [_row()])
     sources = scan_sources([path])
-    examples, drops = read_examples(sources, [(1, 3)], prompt_field="prompt", response_field="output",
-                                    skip_bad_rows=False)
+    examples, drops, _ = read_examples(sources, [(1, 3)], renderer=RowRenderer(PromptFormat()), skip_bad_rows=False)
     assert sorted(examples) == [1, 2] and not drops
     assert examples[2].response == "r2"
 

@@ -24,7 +24,9 @@ from dskd_scale.data.format import (
     canonical_json_bytes,
     file_sha256,
     fsync_directory,
+    remove_stale_temporaries,
     shard_file_name,
+    temporary_path,
 )
 
 SHARD_RECORD_DIR = "shard_stats"
@@ -61,7 +63,7 @@ def write_shard(out_dir: Path, shard: int, table: pa.Table) -> tuple[str, str]:
     """Write a shard atomically; returns (file name, sha256)."""
     name = shard_file_name(shard)
     final = out_dir / name
-    temporary = out_dir / f".{name}.tmp-{os.getpid()}"
+    temporary = temporary_path(final)
     # Fixed writer settings (no statistics timestamps exist in Parquet), so equal tables give equal bytes.
     pq.write_table(table, temporary, compression="zstd", row_group_size=4096, write_statistics=False)
     with open(temporary, "rb+") as handle:
@@ -93,21 +95,22 @@ def read_complete_record(out_dir: Path, shard: int, plan: str) -> dict[str, Any]
 
 
 def remove_leftovers(out_dir: Path, shard: int) -> None:
-    """Delete temporary files a crashed run left for ``shard`` (they are never read)."""
-    name = shard_file_name(shard)
-    record_name = shard_record_path(out_dir, shard).name
-    for pattern, folder in ((f".{name}.tmp-*", out_dir), (f".{record_name}.tmp-*", out_dir / SHARD_RECORD_DIR)):
-        for leftover in folder.glob(pattern):
-            leftover.unlink(missing_ok=True)
+    """Delete temporary files a killed run left for ``shard`` (they are never read). Only the shard's owner calls
+    this, so no other process is writing them."""
+    remove_stale_temporaries(out_dir / shard_file_name(shard))
+    remove_stale_temporaries(shard_record_path(out_dir, shard))
 
 
 def remove_extra_shards(out_dir: Path, num_shards: int) -> list[str]:
-    """Delete shards (and records) numbered >= ``num_shards`` from an earlier run with more shards."""
+    """Delete shards (records, temporary files) numbered >= ``num_shards`` from an earlier run with more shards."""
     removed = []
-    for path in sorted(out_dir.glob("shard-*.parquet")):
-        number = path.stem.removeprefix("shard-")
+    names = {path.name.removeprefix(".").partition(".tmp-")[0] for path in out_dir.glob(".shard-*.parquet.tmp-*")}
+    names |= {path.name for path in out_dir.glob("shard-*.parquet")}
+    for name in sorted(names):
+        number = name.removeprefix("shard-").removesuffix(".parquet")
         if number.isdigit() and int(number) >= num_shards:
-            path.unlink(missing_ok=True)
+            (out_dir / name).unlink(missing_ok=True)
             shard_record_path(out_dir, int(number)).unlink(missing_ok=True)
-            removed.append(path.name)
+            remove_leftovers(out_dir, int(number))
+            removed.append(name)
     return removed

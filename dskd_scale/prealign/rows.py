@@ -4,8 +4,9 @@ Each tokenizer encodes ``prompt + response`` jointly (with its own BOS, if it ad
 appended. A token is a *response token* only if its whole character span lies inside the response; a token
 straddling the prompt/response boundary (e.g. a merged ``":\\n"`` piece) counts as prompt: label −100, never
 aligned, counted in ``boundary_straddles_<side>``. Aligned pairs come from exact token alignment over the
-response tokens (identical character spans), plus EOS↔EOS; pairs touching position 0 are dropped because no
-position predicts them.
+response tokens (identical byte spans, or identical once leading spaces are removed with ``whitespace="paper"``),
+plus EOS↔EOS; pairs touching position 0 are dropped because no position predicts them. The alignment itself is
+``dskd_scale.alignment.batch``, the code path online alignment of student rollouts uses too.
 
 Truncation policy (``TRUNCATION_POLICY``), applied when either side exceeds ``max_length`` tokens:
 1. cut the prompt from the left at the first character position that starts a token on *both* sides (or at
@@ -17,13 +18,14 @@ Both cases are counted (``prompt_truncated``, ``response_truncated``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from dskd_scale.alignment import TokenSpans, encode_with_spans, exact_token_alignment
+from dskd_scale.alignment import TokenSpans, encode_with_spans
+from dskd_scale.alignment.batch import FlatSide, align_flat, flatten_side, identical_rows, span_optimum
+from dskd_scale.alignment.eta import WHITESPACE_MODES, check_whitespace_mode
 from dskd_scale.data.format import IGNORE_INDEX
 
 TRUNCATION_POLICY = (
@@ -40,7 +42,8 @@ class SideEncoding:
 
     ``ids [L]`` the final input ids (EOS included unless the response was cut); ``starts/ends [L]`` character
     offsets into ``text`` (EOS gets ``[len(text), len(text))``); ``response [L]`` bool, response tokens and EOS;
-    ``alignable [L]`` bool, tokens standing alone for whole characters (``TokenSpans.alignable``).
+    ``alignable [L]`` bool, tokens covering bytes no other token covers (``TokenSpans.alignable``);
+    ``byte_starts/byte_ends/word_starts [L]`` the byte spans (``TokenSpans``).
     """
 
     ids: np.ndarray
@@ -49,6 +52,9 @@ class SideEncoding:
     response: np.ndarray
     alignable: np.ndarray
     straddles: int
+    byte_starts: np.ndarray
+    byte_ends: np.ndarray
+    word_starts: np.ndarray
 
 
 @dataclass
@@ -62,6 +68,7 @@ class RowResult:
     teacher: SideEncoding
     aligned_pairs: int
     optimum_pairs: int
+    other_whitespace_pairs: int  # pairs the other whitespace mode would give (its optimum)
     prompt_truncated: bool
     response_truncated: bool
 
@@ -96,12 +103,14 @@ class _TokenizerInfo:
 class RowBuilder:
     """Builds rows for one teacher/student tokenizer pair (create once per worker process)."""
 
-    def __init__(self, teacher_tokenizer: Any, student_tokenizer: Any, max_length: int) -> None:
+    def __init__(self, teacher_tokenizer: Any, student_tokenizer: Any, max_length: int,
+                 whitespace: str = "exact") -> None:
         if max_length < 4:
             raise ValueError(f"max_length must be >= 4, got {max_length}")
         self.teacher_tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer
         self.max_length = max_length
+        self.whitespace = check_whitespace_mode(whitespace)
         # Per-tokenizer constants looked up on every row (transformers' special-token attributes are slow).
         self._info = {id(tok): _TokenizerInfo.of(tok) for tok in (teacher_tokenizer, student_tokenizer)}
 
@@ -185,31 +194,6 @@ class RowBuilder:
                 break
         raise ValueError(f"cannot fit the response into max_length={self.max_length} tokens on both sides")
 
-    def _side(self, spans: TokenSpans, tokenizer: Any, boundary: int, text_length: int, with_eos: bool) -> SideEncoding:
-        info = self._info[id(tokenizer)]
-        special = info.special[spans.ids]
-        content = ~special
-        straddles = int(np.count_nonzero(content & (spans.starts < boundary) & (spans.ends > boundary)))
-        final_eos = with_eos and self._has_final_eos(spans, tokenizer)
-        size = spans.ids.size + int(with_eos and not final_eos)
-        ids, starts, ends = (np.full(size, info.eos_id, dtype=np.int64), np.full(size, text_length, dtype=np.int64),
-                             np.full(size, text_length, dtype=np.int64))
-        response, alignable = np.ones(size, dtype=bool), np.zeros(size, dtype=bool)
-        count = spans.ids.size
-        ids[:count], starts[:count], ends[:count] = spans.ids, spans.starts, spans.ends
-        alignable[:count] = spans.alignable
-        response[:count] = content & (spans.starts >= boundary)
-        if final_eos:
-            response[-1] = True
-        return SideEncoding(ids, starts, ends, response, alignable, straddles)
-
-    def build_many(self, examples: list[tuple[str, str]]) -> list[RowResult]:
-        """``[build(prompt, response) for ...]`` with one tokenizer batch call per side and the row logic
-        vectorised over all examples (``prealign_batch``); the rows are identical to ``build``'s."""
-        from dskd_scale.data.prealign_batch import build_rows
-
-        return build_rows(self, examples)
-
     def build(self, prompt: str, response: str, *, pair: tuple[TokenSpans, TokenSpans] | None = None) -> RowResult:
         """Tokenise, truncate and align one example (see the module docstring for the policy).
 
@@ -224,78 +208,61 @@ class RowBuilder:
         prompt_truncated = response_truncated = False
         if not self._both_fit(pair, with_eos=True):
             prompt, response, pair, prompt_truncated, response_truncated = self._truncate(prompt, response, pair)
-        text = prompt + response
-        boundary = len(prompt)
-        with_eos = not response_truncated
-        teacher = self._side(pair[0], self.teacher_tokenizer, boundary, len(text), with_eos)
-        student = self._side(pair[1], self.student_tokenizer, boundary, len(text), with_eos)
+        return self.assemble([prompt], [response], [pair[0]], [pair[1]], np.array([prompt_truncated]),
+                             np.array([response_truncated]))[0]
 
-        # Align only the response tokens: prompt tokens are never pairs, and it saves work on long prompts.
-        student_positions = np.flatnonzero(student.response[: len(pair[1].ids)])
-        teacher_positions = np.flatnonzero(teacher.response[: len(pair[0].ids)])
-        idx_student, idx_teacher = exact_token_alignment(
-            _subset(pair[1], student_positions), _subset(pair[0], teacher_positions)
-        )
-        align_student = student_positions[np.asarray(idx_student, dtype=np.int64)]
-        align_teacher = teacher_positions[np.asarray(idx_teacher, dtype=np.int64)]
-        if with_eos:
-            align_student = np.append(align_student, student.ids.size - 1)
-            align_teacher = np.append(align_teacher, teacher.ids.size - 1)
-        predictable = (align_student >= 1) & (align_teacher >= 1)
-        align_student, align_teacher = align_student[predictable], align_teacher[predictable]
-
-        columns = {
-            "student_input_ids": student.ids.astype(np.int32),
-            "teacher_input_ids": teacher.ids.astype(np.int32),
-            "student_labels": np.where(student.response, student.ids, IGNORE_INDEX).astype(np.int32),
-            "teacher_labels": np.where(teacher.response, teacher.ids, IGNORE_INDEX).astype(np.int32),
-            "align_student": align_student.astype(np.int32),
-            "align_teacher": align_teacher.astype(np.int32),
-        }
-        return RowResult(
-            columns=columns,
-            text=text,
-            boundary=boundary,
-            student=student,
-            teacher=teacher,
-            aligned_pairs=int(align_student.size),
-            optimum_pairs=_exact_span_optimum(student, teacher, identical=_identical(pair)),
-            prompt_truncated=prompt_truncated,
-            response_truncated=response_truncated,
-        )
-
-
-def _subset(spans: TokenSpans, positions: np.ndarray) -> TokenSpans:
-    """The tokens of ``spans`` at ``positions``, as a TokenSpans over the same text."""
-    return dataclasses.replace(
-        spans,
-        ids=np.asarray(spans.ids)[positions],
-        starts=np.asarray(spans.starts)[positions],
-        ends=np.asarray(spans.ends)[positions],
-        alignable=np.asarray(spans.alignable)[positions],
-    )
+    def assemble(self, prompts: list[str], responses: list[str], teacher_spans: list[TokenSpans],
+                 student_spans: list[TokenSpans], prompt_truncated: np.ndarray,
+                 response_truncated: np.ndarray) -> list[RowResult]:
+        """Rows of already tokenised (and truncated) examples, aligned all at once (``alignment.batch``)."""
+        boundaries = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
+        with_eos = ~np.asarray(response_truncated, dtype=bool)
+        sides = {}
+        for name, tokenizer, spans in (("teacher", self.teacher_tokenizer, teacher_spans),
+                                       ("student", self.student_tokenizer, student_spans)):
+            info = self._info[id(tokenizer)]
+            sides[name] = flatten_side(spans, boundaries, with_eos, info.eos_id, info.special)
+        student, teacher = sides["student"], sides["teacher"]
+        alignment = align_flat(student, teacher, with_eos, whitespace=self.whitespace)
+        identical = identical_rows(teacher_spans, student_spans)
+        optimum = span_optimum(student, teacher, identical, with_eos, whitespace=self.whitespace)
+        other_mode = next(mode for mode in WHITESPACE_MODES if mode != self.whitespace)
+        other = span_optimum(student, teacher, identical, with_eos, whitespace=other_mode)
+        per_side = {name: _side_rows(side) for name, side in sides.items()}
+        student_align = alignment.rows("align_student")
+        teacher_align = alignment.rows("align_teacher")
+        results = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            s_side, s_ids32, s_labels = per_side["student"][i]
+            t_side, t_ids32, t_labels = per_side["teacher"][i]
+            results.append(RowResult(
+                columns={"student_input_ids": s_ids32, "teacher_input_ids": t_ids32, "student_labels": s_labels,
+                         "teacher_labels": t_labels, "align_student": student_align[i].astype(np.int32),
+                         "align_teacher": teacher_align[i].astype(np.int32)},
+                text=prompt + response,
+                boundary=len(prompt),
+                student=s_side,
+                teacher=t_side,
+                aligned_pairs=int(student_align[i].size),
+                optimum_pairs=int(optimum[i]),
+                other_whitespace_pairs=int(other[i]),
+                prompt_truncated=bool(prompt_truncated[i]),
+                response_truncated=bool(response_truncated[i]),
+            ))
+        return results
 
 
-def _identical(pair: tuple[TokenSpans, TokenSpans]) -> bool:
-    return pair[0].fingerprint == pair[1].fingerprint and np.array_equal(pair[0].ids, pair[1].ids)
-
-
-def _exact_span_optimum(student: SideEncoding, teacher: SideEncoding, *, identical: bool) -> int:
-    """Upper bound for any exact alignment: alignable response tokens (position >= 1) whose character span
-    equals an alignable teacher response token's span, plus the EOS pair. With identical tokenizers every
-    response token covering text pairs with itself (pieces of one multi-byte character included)."""
-    if identical:
-        usable = student.response & (student.ends > student.starts) & (np.arange(student.ids.size) >= 1)
-        return int(usable.sum()) + int(student.ids.size >= 2 and student.response[-1] and
-                                       student.ends[-1] == student.starts[-1])
-    stride = int(max(student.ends.max(initial=0), teacher.ends.max(initial=0))) + 1
-    keys = []
-    for side in (student, teacher):
-        usable = side.response & side.alignable & (np.arange(side.ids.size) >= 1)
-        keys.append((side.starts * stride + side.ends)[usable])
-    shared = np.intersect1d(keys[0], keys[1], assume_unique=True)  # alignable spans never overlap
-    eos_pair = int(
-        student.ids.size >= 2 and teacher.ids.size >= 2 and student.response[-1] and teacher.response[-1]
-        and student.ends[-1] == student.starts[-1] and teacher.ends[-1] == teacher.starts[-1]
-    )
-    return int(shared.size) + eos_pair
+def _side_rows(side: FlatSide) -> list[tuple[SideEncoding, np.ndarray, np.ndarray]]:
+    """Per row: the SideEncoding, int32 input ids and int32 labels (views into the flat arrays)."""
+    labels = np.where(side.response, side.ids, IGNORE_INDEX).astype(np.int32)
+    ids32 = side.ids.astype(np.int32)
+    bounds = side.offsets.tolist()
+    fields = ("ids", "starts", "ends", "response", "alignable", "byte_starts", "byte_ends", "word_starts")
+    split = {name: side.rows(name) for name in fields}
+    rows = []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        encoding = SideEncoding(split["ids"][i], split["starts"][i], split["ends"][i], split["response"][i],
+                                split["alignable"][i], int(side.straddles[i]), split["byte_starts"][i],
+                                split["byte_ends"][i], split["word_starts"][i])
+        rows.append((encoding, ids32[start:end], labels[start:end]))
+    return rows
