@@ -1,8 +1,9 @@
 """Typed evaluation config (``tools/evaluate.py`` flags and ``configs/eval/*.yaml`` map onto it).
 
-Suites and where their data lives by default, relative to ``data_dir`` (the layout of the DSKD/MiniLLM data and of
-``../shared/assets/data``). ``data_paths.<suite>`` overrides one file; an unknown suite name with a path in
-``data_paths`` is evaluated as an instruction-following set (prompt/output JSONL).
+Suites and where their data lives by default, relative to ``data_dir`` (the layout of the DSKD/MiniLLM data:
+``dolly/valid.jsonl``, ``gsm8k/test.jsonl``, ``humaneval/HumanEval.jsonl.gz``, ...). ``data_paths.<suite>``
+overrides one file; an unknown suite name with a path in ``data_paths`` is evaluated as an instruction-following
+set (prompt/output JSONL).
 """
 
 from __future__ import annotations
@@ -49,12 +50,17 @@ class SamplingConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CodeExecutionConfig:
-    """Sandbox limits for HumanEval/MBPP programs; ``python`` is the interpreter programs run with."""
+    """Sandbox limits for HumanEval/MBPP programs; ``python`` is the interpreter programs run with.
+
+    ``allow_unsandboxed``: where the machine offers neither user namespaces nor root (see
+    ``dskd_scale.eval.execution``), run model-written code WITHOUT containment instead of refusing to start.
+    """
 
     timeout_s: float = 10.0
     memory_mb: int = 2048
     workers: int = 4
     python: str | None = None
+    allow_unsandboxed: bool = False
 
     def validate(self) -> list[str]:
         problems = []

@@ -1,4 +1,4 @@
-"""Prompts, stop strings and program assembly for the math and code suites.
+"""Prompts and stop strings for the math and code suites (programs are assembled in ``sandbox_tasks``).
 
 - GSM8K: "Question: ...\\nAnswer: <solution> #### <n>" few-shot from the first ``shots`` training rows (calculator
   annotations ``<<...>>`` removed), stop at the next "Question:". Zero-shot when ``shots`` is 0.
@@ -55,16 +55,3 @@ def first_code_block(text: str) -> str:
     """The content of the first fenced code block (an unterminated fence runs to the end), else ``text``."""
     match = _FENCE.search(text)
     return match.group(1) if match else text
-
-
-def humaneval_program(example: EvalExample, completion: str, *, chat: bool = False) -> str:
-    """The program run for a HumanEval completion: prompt + completion (or the chat reply's code) + tests."""
-    body = first_code_block(completion) if chat else example.prompt + completion
-    return f"{body}\n\n{example.extra['test']}\n\ncheck({example.extra['entry_point']})\n"
-
-
-def mbpp_program(example: EvalExample, completion: str, *, chat: bool = False) -> str:
-    code = first_code_block(completion) if chat else completion
-    imports = "\n".join(example.extra["test_imports"])
-    tests = "\n".join(example.extra["test_list"])
-    return f"{imports}\n{code}\n\n{tests}\n"

@@ -42,7 +42,9 @@ _NOT_PROTOCOL = ("model", "tokenizer", "out", "device", "batch_size")
 def protocol_of(config_dict: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that defines the evaluation protocol (equal hash = comparable numbers)."""
     protocol = {k: v for k, v in config_dict.items() if k not in _NOT_PROTOCOL}
-    protocol["code_execution"] = {k: v for k, v in config_dict["code_execution"].items() if k != "workers"}
+    protocol["code_execution"] = {
+        k: v for k, v in config_dict["code_execution"].items() if k not in ("workers", "allow_unsandboxed")
+    }
     return protocol
 
 
@@ -106,7 +108,8 @@ def _run_suite(config: EvalConfig, data: SuiteData, model, tokenizer, records_di
         limits = SandboxLimits(timeout_s=execution.timeout_s, memory_bytes=execution.memory_mb * 1024**2)
         result = evaluate_code(
             model, tokenizer, examples, task=data.name, shots=data.shots, use_chat_template=config.use_chat_template,
-            limits=limits, workers=execution.workers, **common,
+            limits=limits, workers=execution.workers, python=execution.python,
+            allow_unsandboxed=execution.allow_unsandboxed, **common,
         )  # fmt: skip
     result["data"] = {"path": data.path, "sha256": file_sha256(data.path)}
     return result

@@ -27,6 +27,7 @@ from dskd_scale.eval.execution import SandboxLimits, detect_isolation, run_progr
 from dskd_scale.eval.generation import GREEDY, Generation, generate_shard
 from dskd_scale.eval.loading import context_window
 from dskd_scale.eval.metrics import exact_match, rouge_l
+from dskd_scale.eval.sandbox_tasks import humaneval_task, mbpp_task
 
 PAPER_SAMPLING = SamplingConfig()
 Scorer = Callable[[list[EvalExample], list[Generation]], list[dict[str, Any]]]
@@ -176,13 +177,16 @@ def evaluate_code(
     use_chat_template: bool = False, limits: SandboxLimits | None = None, workers: int = 4,
     sampling: SamplingConfig | None = None, seeds: Sequence[int] | None = None, max_new_tokens: int = 512,
     batch_size: int = 8, max_prompt_tokens: int | None = None, records_dir: str | Path | None = None,
-    name: str | None = None,
+    name: str | None = None, python: str | None = None, allow_unsandboxed: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """pass@1 (×100) for ``task`` ``humaneval`` or ``mbpp``: each completion's program runs in the sandbox."""
+    """pass@1 (×100) for ``task`` ``humaneval`` or ``mbpp``: each completion runs in the sandbox, the dataset's
+    tests in the trusted judge (``execution``). Raises ``SandboxUnavailable`` before generating anything when
+    programs cannot be contained here and ``allow_unsandboxed`` is false."""
     if task not in ("humaneval", "mbpp"):
         raise ValueError(f"task must be 'humaneval' or 'mbpp', got {task!r}")
     limits = limits or SandboxLimits()
-    build_program = P.humaneval_program if task == "humaneval" else P.mbpp_program
+    isolation = detect_isolation(python, allow_unsandboxed)
+    build_task = humaneval_task if task == "humaneval" else mbpp_task
     if use_chat_template:
         texts = [e.prompt if task == "humaneval" else P.mbpp_task_text(e) for e in examples]
         prompts = [P.chat_prompt(tokenizer, P.CODE_SYSTEM_PROMPT, text) for text in texts]
@@ -193,8 +197,8 @@ def evaluate_code(
         prompts, stops = [P.mbpp_prompt(e, shots) for e in examples], P.MBPP_STOP
 
     def score(rows: list[EvalExample], generations: list[Generation]) -> list[dict[str, Any]]:
-        programs = [build_program(e, g.text, chat=use_chat_template) for e, g in zip(rows, generations, strict=True)]
-        results = run_programs(programs, limits, workers=workers)
+        tasks = [build_task(e, g.text, chat=use_chat_template) for e, g in zip(rows, generations, strict=True)]
+        results = run_programs(tasks, limits, workers=workers, isolation=isolation)
         return [{"pass@1": 100.0 * r.passed, "execution": r.status, "execution_detail": r.detail} for r in results]
 
     result = _evaluate(
@@ -202,5 +206,5 @@ def evaluate_code(
         metric_names=("pass@1",), sampling=sampling or GREEDY, seeds=seeds, max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, stop_strings=stops, records_dir=records_dir,
     )  # fmt: skip
-    result["sandbox"] = {**detect_isolation().as_dict(), **dataclasses.asdict(limits)}
+    result["sandbox"] = {**isolation.as_dict(), **dataclasses.asdict(limits)}
     return result
