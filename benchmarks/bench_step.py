@@ -14,7 +14,10 @@ Everything is measured in ONE invocation, side by side, on real Dolly rows (shar
    to 512 tokens, on Dolly's real length distribution.
 3. Model-state bytes per rank (parameter partitions, fp32 master weights, Adam moments, teacher partition) with 2
    ranks vs 1 rank.
-Ends with ``SUMMARY dskd_vs_kd=<x> dskd_vs_kd_bound=<y> dynpad_speedup=<z> zero3_mem_2v1=<w>``.
+4. The same 2-rank ``dskd`` run with ``teacher.placement=replicated`` (a full frozen teacher per rank, no per-step
+   all-gathers of its weights) vs the ZeRO-3 teacher: median step time ratio (goal <= 0.9) and model-state bytes.
+Ends with ``SUMMARY dskd_vs_kd=<x> dskd_vs_kd_bound=<y> dynpad_speedup=<z> zero3_mem_2v1=<w>
+replicated_vs_zero3_teacher=<r> replicated_vs_zero3_mem=<m>``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def prepare(work: Path, rows: int) -> dict[str, Path]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from dskd_scale.data.prealign import PrealignConfig, run_prealign
+    from dskd_scale.prealign.pipeline import PrealignConfig, run_prealign
     from dskd_scale.utils.assets import asset_path
 
     dolly = asset_path("data/dolly/dev.jsonl")
@@ -72,12 +75,12 @@ def prepare(work: Path, rows: int) -> dict[str, Path]:
     return {"tokenizer": work / "tokenizer", "shards": work / "shards"}
 
 
-def overrides(paths: dict[str, Path], out: Path, criterion: str, steps: int) -> list[str]:
+def overrides(paths: dict[str, Path], out: Path, criterion: str, steps: int, placement: str = "zero3") -> list[str]:
     items = [f"kd.criterion={criterion}", f"output_dir={out}", f"data.train_dir={paths['shards']}",
              "data.micro_batch_size=4", "optim.grad_accum=1", f"optim.max_steps={steps}", "optim.warmup_steps=0",
              "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false", "checkpoint.every_steps=0",
              "checkpoint.resume=never", "checkpoint.export_at_end=false", "engine.skip_cpu_shm_op=true",
-             "kd.chunk_size=1024"]
+             "kd.chunk_size=1024", f"teacher.placement={placement}"]
     for role, shape in (("student", STUDENT), ("teacher", TEACHER)):
         items.append(f"{role}.tokenizer={paths['tokenizer']}")
         items += [f"{role}.{key}={value}" for key, value in shape.items()]
@@ -143,10 +146,10 @@ def worker(args) -> None:
 
     paths = {"tokenizer": Path(args.work) / "tokenizer", "shards": Path(args.work) / "shards"}
     results = {}
-    for name, criterion, padded in args.variants:
+    for name, criterion, padded, placement in args.variants:
         out = Path(args.work) / f"run_{name}_{args.world}"
         cfg = load_config(RunConfig, ROOT / "configs/tests/tiny_dskd.yaml",
-                          overrides(paths, out, criterion, args.steps + 1))
+                          overrides(paths, out, criterion, args.steps + 1, placement))
         setup = setup_run(cfg)
         results[f"{name}/model_state_bytes"] = model_state_bytes(setup.engines)
         if args.memory_only:
@@ -212,20 +215,24 @@ def main() -> int:
     parser.add_argument("--variants", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        table = {"kd": ("vanilla_kd", False), "dskd": ("dskd", False), "dynpad": ("sft", False),
-                 "pad512": ("sft", True)}
+        table = {"kd": ("vanilla_kd", False, "zero3"), "dskd": ("dskd", False, "zero3"),
+                 "dynpad": ("sft", False, "zero3"), "pad512": ("sft", True, "zero3"),
+                 "dskd_replicated": ("dskd", False, "replicated")}
         args.variants = [(name, *table[name]) for name in args.variants]
         worker(args)
         return 0
     work = args.out or Path(tempfile.mkdtemp(prefix="bench_step_"))
     work.mkdir(parents=True, exist_ok=True)
     prepare(work, args.rows)
-    two = launch(work, 2, 29590, ["kd", "dskd", "dynpad", "pad512"], args.steps, memory_only=False)
+    two = launch(work, 2, 29590, ["kd", "dskd", "dskd_replicated", "dynpad", "pad512"], args.steps,
+                 memory_only=False)
     one = launch(work, 1, 29592, ["dskd"], args.steps, memory_only=True)
     measured = two["dskd/step_seconds"] / two["kd/step_seconds"]
     bound = dskd_vs_kd_bound(two["dskd/tokens_per_micro_batch"], two["dskd/labels_per_micro_batch"])
     dynpad = two["dynpad/tokens_per_s"] / two["pad512/tokens_per_s"]
     memory = two["dskd/model_state_bytes"] / one["dskd/model_state_bytes"]
+    replicated = two["dskd_replicated/step_seconds"] / two["dskd/step_seconds"]
+    replicated_mem = two["dskd_replicated/model_state_bytes"] / two["dskd/model_state_bytes"]
     print(json.dumps({"two_ranks": two, "one_rank": one}, indent=2))
     print(f"step time: dskd {two['dskd/step_seconds']:.3f}s vs vanilla_kd {two['kd/step_seconds']:.3f}s "
           f"(ratio {measured:.3f}, FLOP lower bound {bound:.3f}, measured/bound {measured / bound:.3f})")
@@ -233,8 +240,12 @@ def main() -> int:
           f"{two['pad512/tokens_per_s']:.0f} ({dynpad:.2f}x)")
     print(f"model states per rank: 2 ranks {two['dskd/model_state_bytes'] / 2**20:.1f} MiB vs 1 rank "
           f"{one['dskd/model_state_bytes'] / 2**20:.1f} MiB ({memory:.3f})")
+    print(f"teacher placement (dskd, 2 ranks): replicated {two['dskd_replicated/step_seconds']:.3f}s vs ZeRO-3 "
+          f"{two['dskd/step_seconds']:.3f}s per step ({replicated:.3f}); model states per rank "
+          f"{two['dskd_replicated/model_state_bytes'] / 2**20:.1f} vs {two['dskd/model_state_bytes'] / 2**20:.1f} MiB")
     print(f"SUMMARY dskd_vs_kd={measured:.3f} dskd_vs_kd_bound={bound:.3f} dynpad_speedup={dynpad:.2f} "
-          f"zero3_mem_2v1={memory:.3f}")
+          f"zero3_mem_2v1={memory:.3f} replicated_vs_zero3_teacher={replicated:.3f} "
+          f"replicated_vs_zero3_mem={replicated_mem:.3f}")
     return 0
 
 

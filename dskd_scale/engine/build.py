@@ -1,9 +1,15 @@
 """Build the two DeepSpeed engines: the frozen teacher (no optimizer) and the trained student + projectors.
 
 Under ZeRO-3 both models are constructed while a ``HfDeepSpeedConfig`` is alive, so transformers loads
-them partitioned (``zero.Init``): no rank ever holds a full teacher. Projector ideal initialisation runs
-once, before ``deepspeed.initialize`` (so the optimizer's master weights start from it), inside one gather
-of the overlap rows of both heads; rank 0 computes and broadcasts so every rank starts identical.
+them partitioned (``zero.Init``): no rank ever holds a full teacher. With ``teacher.placement=replicated`` the
+teacher is instead a full frozen copy on every rank, outside DeepSpeed (no per-step gathers).
+
+Projector ideal initialisation runs once, before ``deepspeed.initialize``, inside one gather of the overlap
+rows of both heads, in fp32; rank 0 computes and broadcasts so every rank starts identical. A ZeRO-3 engine
+needs one dtype for all its parameters, so under bf16 the projectors (and any other fp32 trainable, e.g.
+peft's upcast LoRA adapters) are cast to bf16 for the engine and, once the optimizer exists, their fp32
+master weights are overwritten with the fp32 values: training starts from the exact initialisation, not
+from its bf16 rounding.
 """
 
 from __future__ import annotations
@@ -82,6 +88,85 @@ class Engines:
     def trainable_student_head(self):
         """This micro-batch's trainable head callable (a leaf of the step's gathered copy)."""
         return self.student_head.trainable_head()
+
+
+class ReplicatedTeacher:
+    """A full frozen teacher on this rank's device (``teacher.placement=replicated``), outside DeepSpeed.
+
+    It offers what the loop uses of the teacher engine (call -> last hidden ``[B, T, E]``, ``module``,
+    ``eval``). No optimizer, no partitioning: its forward issues no collective, which costs a full copy of
+    the weights (in the run's precision) on every rank.
+    """
+
+    def __init__(self, body: TeacherBody):
+        self.module = body.to(device()).eval()
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.module(input_ids, attention_mask)
+
+    def eval(self) -> ReplicatedTeacher:
+        self.module.eval()
+        return self
+
+
+def cast_for_engine(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Cast the not-yet-partitioned parameters of ``module`` that are not ``dtype`` to it (ZeRO-3 needs one dtype).
+
+    Returns their values before the cast (fp32 copies by parameter name) for ``start_master_weights_from``.
+    Parameters that ZeRO-3 already partitioned at load time have the load dtype and are left alone.
+    """
+    originals = {}
+    for name, param in module.named_parameters():
+        if param.dtype == dtype or hasattr(param, "ds_id"):
+            continue
+        originals[name] = param.detach().to(torch.float32, copy=True)
+        param.data = param.data.to(dtype)
+    return originals
+
+
+def start_master_weights_from(engine, originals: dict[str, Tensor]) -> None:
+    """Overwrite the optimizer's fp32 master copy of each named parameter with its fp32 value.
+
+    DeepSpeed builds the master weights from the low-precision parameters (a bf16 rounding of, e.g., the
+    pseudo-inverse projector initialisation); ``safe_set_full_fp32_param`` writes each rank's partition from
+    the full fp32 value. Collective-free and identical on every rank (the values were broadcast before).
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if not originals:
+        return
+    for name, param in engine.module.named_parameters():
+        if name not in originals or not param.requires_grad:
+            continue
+        value = originals[name].to(device())
+        if hasattr(param, "ds_id"):
+            _set_zero3_master(param, value)
+        else:
+            safe_set_full_fp32_param(param, value)
+
+
+def _set_zero3_master(param: nn.Parameter, value: Tensor) -> None:
+    """``safe_set_full_fp32_param`` for a ZeRO-3 parameter, also when its last partition is padded.
+
+    DeepSpeed (0.19) slices ``value`` at ``rank * partition_numel`` for ``partition_numel`` elements, which runs
+    past the end on the last rank when ``ds_numel`` is not a multiple of the partition count (e.g. 4096 x 4096
+    over 24 ranks). That case writes the valid part of this rank's partition the same way (padding untouched).
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    optimizer = param._z3_optimizer
+    flat = value.reshape(-1)
+    partition_rank = optimizer._get_param_partition_rank(param)
+    partition_numel = param.partition_numel()
+    if (partition_rank + 1) * partition_numel <= flat.numel():
+        safe_set_full_fp32_param(param, value)
+        return
+    partition, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    begin = min(partition_rank * partition_numel, flat.numel())
+    valid = flat.numel() - begin
+    partition.data[:valid].copy_(flat[begin:])
+    if optimizer._swappable_optimizer_subgroup(group):
+        optimizer._optimizer_states_and_gradient_swap_out(group)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int, base_lr: float):
@@ -212,18 +297,24 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
     Tokenizers are loaded from the model configs unless given (the caller usually has them already).
     """
     from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    # An HfDeepSpeedConfig of an earlier run in this process (benchmarks, tests) must not decide whether this
+    # run's models are partitioned at load (a replicated teacher or a ZeRO-0 run would come out partitioned).
+    unset_hf_deepspeed_config()
     dtype = torch_dtype(engine_cfg.precision)
     s_config = student_ds_config(engine_cfg, optim, micro_batch_size)
-    t_config = teacher_ds_config(engine_cfg, micro_batch_size) if teacher_cfg is not None else None
+    replicated = teacher_cfg is not None and teacher_cfg.placement == "replicated"
+    t_config = teacher_ds_config(engine_cfg, micro_batch_size) if teacher_cfg is not None and not replicated else None
     keepalive: list = []
     student_tokenizer = student_tokenizer or load_tokenizer(student_cfg.tokenizer_path, key="student.tokenizer")
     teacher = None
     if teacher_cfg is not None:
         teacher_tokenizer = teacher_tokenizer or load_tokenizer(teacher_cfg.tokenizer_path, key="teacher.tokenizer")
-        if engine_cfg.zero_stage == 3:
+        if engine_cfg.zero_stage == 3 and not replicated:
             keepalive.append(HfDeepSpeedConfig(t_config))  # from_pretrained/from_config -> zero.Init
-        teacher = build_causal_lm(teacher_cfg, teacher_tokenizer, dtype=dtype, key="teacher")
+        teacher = build_causal_lm(teacher_cfg, teacher_tokenizer, dtype=dtype, key="teacher",
+                                  device=device() if replicated else None)
         teacher.requires_grad_(False)
         teacher.eval()
     if engine_cfg.zero_stage == 3:
@@ -258,15 +349,20 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
             for param in layer.parameters():
                 _broadcast_from_rank0(param.data)
     module = DistillStudent(student, t2s, s2t_learned, cma)
+    fp32_values = cast_for_engine(module, dtype)  # projectors (fp32 init) and upcast adapters -> engine dtype
     groups = param_groups(module, optim)
     lambdas = [lr_lambda(optim, total_steps, group["lr"]) for group in groups]
     student_engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=groups, config=s_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas))
+    start_master_weights_from(student_engine, fp32_values)
     engines = Engines(student=student_engine, teacher=None, student_tokenizer=student_tokenizer,
                       teacher_tokenizer=teacher_tokenizer, student_ds_config=s_config, teacher_ds_config=t_config,
                       keepalive=keepalive)
-    if teacher is not None:
+    if teacher is not None and replicated:
+        engines.teacher = ReplicatedTeacher(TeacherBody(teacher))
+        engines.teacher_head = linear_head(engines.teacher.module.head.weight)  # the full weight, no second copy
+    elif teacher is not None:
         teacher_engine, *_ = deepspeed.initialize(model=TeacherBody(teacher), config=t_config)
         teacher_engine.eval()
         engines.teacher = teacher_engine
@@ -286,6 +382,7 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
             defer_head_gradient(student_engine.module.head.weight)
     else:
         student_engine.enable_backward_allreduce = False  # Engines.backward all-reduces after routing
-    log.info("engines built: student %s, teacher %s, ZeRO-%d, %s", type(student).__name__,
-             type(teacher).__name__ if teacher is not None else "none", engine_cfg.zero_stage, engine_cfg.precision)
+    log.info("engines built: student %s, teacher %s (%s), ZeRO-%d, %s", type(student).__name__,
+             type(teacher).__name__ if teacher is not None else "none",
+             teacher_cfg.placement if teacher is not None else "-", engine_cfg.zero_stage, engine_cfg.precision)
     return engines

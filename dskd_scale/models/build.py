@@ -8,8 +8,6 @@ weight initialisation runs (``std = initializer_range``), which a bare ``zero.In
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -21,12 +19,12 @@ class ModelBuildError(ValueError):
 
 
 def load_tokenizer(path: str, *, key: str = "tokenizer"):
-    """A fast tokenizer from a local folder; the error names the config key that pointed to it."""
+    """A fast tokenizer from a local folder or a Hub id; the error names the config key that pointed to it."""
     from transformers import AutoTokenizer
 
-    if not Path(path).exists():
-        raise ModelBuildError(f"{key}: tokenizer folder {path!r} does not exist")
-    return AutoTokenizer.from_pretrained(path)
+    from dskd_scale.utils.hub import load_pretrained
+
+    return load_pretrained(AutoTokenizer.from_pretrained, path, key=key, what="tokenizer", error_type=ModelBuildError)
 
 
 def random_model_config(cfg: ModelConfig, tokenizer):
@@ -47,7 +45,8 @@ def random_model_config(cfg: ModelConfig, tokenizer):
                       max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False, **special)
 
 
-def build_causal_lm(cfg: ModelConfig, tokenizer, *, dtype: torch.dtype, key: str) -> nn.Module:
+def build_causal_lm(cfg: ModelConfig, tokenizer, *, dtype: torch.dtype, key: str,
+                    device: torch.device | None = None) -> nn.Module:
     """Load ``cfg.path`` or build a random ``cfg.architecture`` model, in ``dtype``.
 
     Args:
@@ -55,16 +54,23 @@ def build_causal_lm(cfg: ModelConfig, tokenizer, *, dtype: torch.dtype, key: str
         tokenizer: the model's tokenizer (its length sizes a random model's vocabulary).
         dtype: parameter dtype (the engine's precision).
         key: the config key, for error messages.
+        device: load the weights straight onto this device (a replicated teacher: every rank holds the whole
+            model, so staging it in host memory first would take ranks-per-node full copies there). None: host
+            memory, or partitioned at load under a live ``HfDeepSpeedConfig``.
     """
     from transformers import AutoModelForCausalLM
 
     if cfg.architecture:
         torch.manual_seed(cfg.init_seed)
         model = AutoModelForCausalLM.from_config(random_model_config(cfg, tokenizer), dtype=dtype)
+        if device is not None:
+            model = model.to(device)
     else:
-        if not Path(cfg.path).exists():
-            raise ModelBuildError(f"{key}.path: model folder {cfg.path!r} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        from dskd_scale.utils.hub import load_pretrained
+
+        model = load_pretrained(AutoModelForCausalLM.from_pretrained, cfg.path, key=f"{key}.path", what="model",
+                                error_type=ModelBuildError, dtype=dtype,
+                                **({} if device is None else {"device_map": {"": device}}))
     if model.get_output_embeddings() is None:
         raise ModelBuildError(f"{key}: {type(model).__name__} has no output embeddings (LM head)")
     return model

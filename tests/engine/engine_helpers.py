@@ -68,3 +68,49 @@ def demo_overrides(demo: dict[str, Path], *, same_vocab: bool, output_dir: Path)
             f"student.path={demo['student']}", f"student.tokenizer={demo['student_tokenizer']}",
             "student.architecture=", f"data.train_dir={demo['same' if same_vocab else 'eta']}",
             f"output_dir={output_dir}", "log.every_steps=1"]
+
+
+def run_jobs(jobs: list[dict], *, work: Path, ranks: int, port: int) -> tuple[dict, dict]:
+    """Several training runs in one torchrun launch (``run_worker.py``): ``(results by job name, probe tensors)``.
+
+    Each job is ``{"name", "config", "overrides", "probe_master"?, "probe_teacher"?}``; metrics rows are keyed by
+    step (int).
+    """
+    import torch
+
+    work.mkdir(parents=True, exist_ok=True)
+    jobs_file, result_file = work / "jobs.json", work / "result.json"
+    jobs_file.write_text(json.dumps(jobs))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), str(Path(__file__).with_name("run_worker.py")),
+               str(jobs_file), str(result_file)]
+    check(subprocess.run(command, cwd=PROJECT_ROOT, env=run_env(), capture_output=True, text=True,
+                         timeout=TIMEOUT_S * 2))
+    results = json.loads(result_file.read_text())
+    for entry in results.values():
+        entry["metrics"] = {int(step): row for step, row in entry["metrics"].items()}
+    return results, torch.load(result_file.with_suffix(".pt"))
+
+
+def logits_tolerance(config, logits, dtype=None) -> dict[str, float]:
+    """``assert_close`` keywords for two forwards of the same weights that differ only in accumulation order.
+
+    Another thread count or kernel, or LoRA adapters merged into the weights, reorders the sums but not the
+    maths. Each logit ends a chain of dot products: per layer the q/k/v projection, the attention over the
+    sequence, the output projection (hidden each) and the MLP (hidden, then its inner size), then the head
+    (hidden). The accumulated rounding of such a chain is at most ``chain * eps * scale`` (Higham, eq. 4.4), with
+    ``scale`` the largest logit magnitude (at least 1: near-zero logits still carry their inputs' rounding).
+
+    Args:
+        config: the model's transformers config (GPT-2 or Llama-style names).
+        logits: one side of the comparison ``[B, S, V]``.
+        dtype: the dtype the forwards ran in (default: ``logits.dtype``).
+    """
+    import torch
+
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    chain = layers * (3 * hidden + logits.shape[1] + inner) + hidden
+    bound = chain * torch.finfo(dtype or logits.dtype).eps
+    return {"rtol": 0.0, "atol": bound * max(float(logits.abs().max()), 1.0)}
