@@ -24,10 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dskd_scale.config.run import KDConfig
-from dskd_scale.losses import DSKDOptions, baselines, combine_terms, data_counts, dskd_loss, student_ce
+from dskd_scale.losses import (
+    DSKDOptions,
+    baselines,
+    combine_terms,
+    data_counts,
+    dskd_loss,
+    official_local_counts,
+    student_ce,
+    term_weights,
+)
 
 IGNORE_INDEX = -100
-# Loss terms combine_terms reads per criterion (besides "ce"), and the KD "spaces" argument it takes.
 _DSKD_V2 = ("dskd", "dskd_eta")
 
 
@@ -76,13 +84,33 @@ def local_counts(kd: KDConfig, rows: Rows, batch: dict[str, Tensor]) -> dict[str
 
 
 def dskd_options(kd: KDConfig, *, agreement_mask: bool) -> DSKDOptions:
+    # The official ETA code copies hidden states (s2t rows, unmasked t2s rows) only where the teacher's
+    # prediction maps into the student vocabulary; the official normalisation reproduces that row set too.
+    official_eta = kd.normalization == "official" and kd.criterion == "dskd_eta"
     return DSKDOptions(divergence=kd.divergence, temperature=kd.temperature, skew_lambda=kd.skew_lambda,
-                       akl_alpha=kd.adaptive_kl_alpha, agreement_mask=agreement_mask, chunk_size=kd.chunk_size)
+                       akl_alpha=kd.adaptive_kl_alpha, spaces=kd.spaces, agreement_mask=agreement_mask,
+                       mapped_rows_only=official_eta, chunk_size=kd.chunk_size)
+
+
+def head_grad_weights(kd: KDConfig, global_counts: dict[str, float], *, world_size: int,
+                      grad_accum_steps: int) -> dict[str, float]:
+    """What ``combine`` will weight each term sum by (``reduce.term_weights``), known before the forward.
+
+    Passed to ``compute_terms`` so the fused student head accumulates its weight gradient already weighted
+    and skips recomputation in the backward; locally normalised (official) terms are left out.
+    """
+    if kd.criterion == "sft":
+        return term_weights(global_counts, alpha=0.0, world_size=world_size, grad_accum_steps=grad_accum_steps)
+    if kd.criterion not in _DSKD_V2:
+        return {}
+    local = ("kd_t2s", "ce_t2s", "kd_s2t") if kd.normalization == "official" else ()
+    return term_weights(global_counts, alpha=kd.alpha, world_size=world_size, grad_accum_steps=grad_accum_steps,
+                        spaces=kd.spaces, local_terms=local)
 
 
 def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_hidden_BTE: Tensor | None,
                   engines: Any, *, agreement_mask: bool = True, batch: dict[str, Tensor] | None = None,
-                  ) -> dict[str, tuple[Tensor, Tensor]]:
+                  head_grad_weights: dict[str, float] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """The criterion's ``{name: (sum, count)}`` terms (and metric hit counts) for one micro-batch.
 
     Args:
@@ -93,12 +121,15 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
         engines: ``dskd_scale.engine.build.Engines`` (heads, projectors, id map).
         agreement_mask: this step's t2s agreement-mask switch (``use_t2s_agreement_mask``).
         batch: the micro-batch itself (the sequence-level baselines need it).
+        head_grad_weights: ``head_grad_weights(...)`` of this step (optional; only saves recomputation).
     """
+    weights = head_grad_weights or {}
     student_head = engines.trainable_student_head()
     criterion = kd.criterion
     if criterion == "sft":  # B2's sft_loss is the same student_ce call
         hidden_ND = student_hidden_BSD[rows.label_batch_N, rows.label_pos_N]
-        return {"ce": student_ce(hidden_ND, rows.labels_N, student_head, chunk_size=kd.chunk_size)}
+        return {"ce": student_ce(hidden_ND, rows.labels_N, student_head, chunk_size=kd.chunk_size,
+                                 grad_weight=weights.get("ce", 0.0))}
 
     student_AD = student_hidden_BSD[rows.align_batch_A, rows.align_student_A]
     teacher_AE = teacher_hidden_BTE[rows.align_batch_A, rows.align_teacher_A]
@@ -110,10 +141,11 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
             teacher_head=engines.teacher_head, t2s_projector=engines.student_module.t2s_projector,
             s2t_map=engines.s2t_map, teacher_to_student_ids=engines.teacher_to_student_ids,
             options=dskd_options(kd, agreement_mask=agreement_mask),
-            student_labels_A=rows.aligned_labels_A if fused else None)
+            student_labels_A=rows.aligned_labels_A if fused else None, head_grad_weights=weights)
         if not fused:  # ETA: gold CE runs over every label row, not only the aligned ones
             hidden_ND = student_hidden_BSD[rows.label_batch_N, rows.label_pos_N]
-            terms["ce"] = student_ce(hidden_ND, rows.labels_N, student_head, chunk_size=kd.chunk_size)
+            terms["ce"] = student_ce(hidden_ND, rows.labels_N, student_head, chunk_size=kd.chunk_size,
+                                     grad_weight=weights.get("ce", 0.0))
         return terms
     resources = engines.baseline_resources
     if criterion == "dskd_cma":  # this step's frozen student head and index embeddings
@@ -128,17 +160,23 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
 
 
 def combine(kd: KDConfig, terms: dict[str, tuple[Tensor, Tensor]], global_counts: dict[str, float], *,
-            world_size: int, grad_accum_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+            world_size: int, grad_accum_steps: int, agreement_mask: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """The scalar to backpropagate: ``(1-a)·CE + a·sum(KD terms)``, each term over its GLOBAL count.
 
-    DSKD v2 uses ``combine_terms`` as is. The baselines name their KD terms differently (``kd``), which
-    ``combine_terms`` does not know, so their KD terms are passed under alpha through the same function by
-    combining CE alone (alpha=0) and adding ``alpha`` times the KD means with the same rank/GA compensation.
+    DSKD v2 uses ``combine_terms`` with ``kd.spaces``; with ``kd.normalization=official`` the terms the
+    official code normalises locally use this micro-batch's counts (``official_local_counts``; pass the
+    step's ``agreement_mask``, the same switch ``compute_terms`` got). The baselines name their KD terms
+    differently (``kd``), which ``combine_terms`` does not know, so their KD terms are passed under alpha
+    through the same function by combining CE alone (alpha=0) and adding ``alpha`` times the KD means with
+    the same rank/GA compensation.
     """
     alpha = 0.0 if kd.criterion == "sft" else kd.alpha
     if kd.criterion in _DSKD_V2:
+        local = None
+        if kd.normalization == "official":
+            local = official_local_counts(terms, eta=kd.criterion == "dskd_eta", agreement_mask=agreement_mask)
         return combine_terms(terms, global_counts, alpha=alpha, world_size=world_size,
-                             grad_accum_steps=grad_accum_steps)
+                             grad_accum_steps=grad_accum_steps, spaces=kd.spaces, local_counts=local)
     loss, metrics = combine_terms(terms, global_counts, alpha=0.0, world_size=world_size,
                                   grad_accum_steps=grad_accum_steps)
     loss = loss * (1.0 - alpha)

@@ -11,8 +11,12 @@ teacher ids whose tokens stand for the same bytes, padded head rows excluded), `
 - ``LearnedS2TMap``: trainable Linear D->E alternative. It owns parameters, so the engine must put it in
   the optimizer (the anchor code never did).
 
-All pseudo-inverse maths runs in fp32 (or fp64 if asked) and results are kept in fp32; ``PinvS2TMap`` is a
-plain object, not an ``nn.Module``, so a bf16 engine cannot silently cast its matrices.
+Every pseudo-inverse is computed in fp64 and its results are kept in fp32. Why fp64: ``torch.linalg.pinv``
+drops singular values below ``eps * max(rows, cols)`` times the largest; in fp32 with ~150k overlap rows that
+cut-off is ~2 % of the largest singular value, so real directions of the head would be discarded. In fp64
+the cut-off is set by the input's own precision instead (``_pinv``). The SVD of an ``[O, D]`` matrix runs
+once at start-up (fp64 needs ~3 copies of ``O x D`` doubles, e.g. 15 GB for 150k x 4096; seconds to
+minutes). ``PinvS2TMap`` is a plain object, not an ``nn.Module``, so a bf16 engine cannot silently cast its matrices.
 Functions here take full tensors; under ZeRO-3 the caller gathers the heads first.
 """
 
@@ -35,30 +39,41 @@ def _check_rows(student_rows_OD: Tensor, teacher_rows_OE: Tensor) -> None:
         )
 
 
-def ideal_t2s_init(
-    student_head_rows_OD: Tensor, teacher_head_rows_OE: Tensor, *, compute_dtype: torch.dtype = torch.float32
-) -> Tensor:
+def _pinv(rows_OH: Tensor) -> Tensor:
+    """Moore-Penrose pseudo-inverse ``[H, O]`` computed in fp64.
+
+    Cut-off: singular values below ``max(eps64 * max(O, H), eps(input dtype))`` times the largest are
+    dropped. The first term is fp64's own numerical rank rule; the second is the input's storage precision:
+    the rows are only known to a relative rounding of ``eps(dtype)``, so a direction weaker than that is
+    rounding noise (Weyl: rounding moves every singular value by up to the rounding's norm), and inverting
+    it would amplify noise by ``1 / sigma``. For fp32 heads this cuts at 1.2e-7 of the largest singular
+    value instead of fp32 pinv's 1.8e-2 at 150k rows; for bf16 heads at 7.8e-3.
+    """
+    rows = rows_OH.detach()
+    cutoff = max(torch.finfo(torch.float64).eps * max(rows.shape), torch.finfo(rows.dtype).eps)
+    return torch.linalg.pinv(rows.to(torch.float64), rtol=cutoff)
+
+
+def ideal_t2s_init(student_head_rows_OD: Tensor, teacher_head_rows_OE: Tensor) -> Tensor:
     """Least-squares t2s projector ``P0 = pinv(W_s^O) @ W_t^O``.
 
     Args:
         student_head_rows_OD: student head rows of the overlap ids ``[O, D]`` (``W_s[overlap_student_ids]``).
         teacher_head_rows_OE: teacher head rows of the same tokens, same order ``[O, E]``.
-        compute_dtype: fp32 (default) or fp64 for the SVD.
 
     Returns:
         fp32 ``[D, E]``, usable directly as ``T2SProjector.weight``; minimises ``||W_s^O P - W_t^O||_F``
         (minimum-norm solution when W_s^O is rank deficient).
     """
     _check_rows(student_head_rows_OD, teacher_head_rows_OE)
-    pinv_DO = torch.linalg.pinv(student_head_rows_OD.detach().to(compute_dtype))
-    return (pinv_DO @ teacher_head_rows_OE.detach().to(compute_dtype)).to(torch.float32)
+    return (_pinv(student_head_rows_OD) @ teacher_head_rows_OE.detach().to(torch.float64)).to(torch.float32)
 
 
-def teacher_head_pinv(teacher_head_rows_OE: Tensor, *, compute_dtype: torch.dtype = torch.float32) -> Tensor:
-    """``pinv(W_t^O)`` as fp32 ``[E, O]``; computed once (the teacher head is frozen)."""
+def teacher_head_pinv(teacher_head_rows_OE: Tensor) -> Tensor:
+    """``pinv(W_t^O)`` computed in fp64, kept as fp32 ``[E, O]``; computed once (the teacher head is frozen)."""
     if teacher_head_rows_OE.ndim != 2:
         raise ValueError("teacher overlap head rows must be 2-D [O, E]")
-    return torch.linalg.pinv(teacher_head_rows_OE.detach().to(compute_dtype)).to(torch.float32)
+    return _pinv(teacher_head_rows_OE).to(torch.float32)
 
 
 class T2SProjector(nn.Module):
@@ -144,9 +159,9 @@ class LearnedS2TMap(nn.Module):
 
     @torch.no_grad()
     def init_pinv_(self, student_head_rows_OD: Tensor, teacher_head_rows_OE: Tensor) -> LearnedS2TMap:
-        """Start from the closed-form ``pinv(W_t^O) W_s^O``; returns self."""
+        """Start from the closed-form ``pinv(W_t^O) W_s^O`` (fp64 maths); returns self."""
         _check_rows(student_head_rows_OD, teacher_head_rows_OE)
-        initial = teacher_head_pinv(teacher_head_rows_OE) @ student_head_rows_OD.detach().to(torch.float32)
+        initial = _pinv(teacher_head_rows_OE) @ student_head_rows_OD.detach().to(torch.float64)
         self.weight.copy_(initial.to(self.weight.device, self.weight.dtype))
         return self
 

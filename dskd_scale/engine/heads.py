@@ -8,9 +8,11 @@
 Why the trainable uses of the head do not call the module: the chunked losses call the head once per
 token chunk (and again in the backward recomputation), and the number of chunks depends on each rank's
 data. A ZeRO-3 module call is a collective (all-gather), so ranks would issue different numbers of them and
-deadlock. Instead each micro-batch's trainable head is a leaf view of this step's gathered copy
-(``trainable_head``); after the backward, ``route_gradients`` adds the leaves' gradients to the real
-parameter's ``.grad`` and the engine reduces it once (``Engines.backward``).
+deadlock. Instead each micro-batch's trainable head is a ``TrainableHead`` over this step's gathered copy
+(``trainable_head``): the chunked losses accumulate its weight gradient in ONE ``[V, D]`` buffer during the
+forward; after the backward, ``route_gradients`` scales that buffer once and adds it to the real
+parameter's ``.grad`` (as the gradient itself when there is none yet, so no copy), and the engine reduces
+it once (``Engines.backward``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dskd_scale.losses import TrainableHead
 
 Head = Callable[[Tensor], Tensor]
 
@@ -60,7 +64,7 @@ class StudentHead:
         self.head_module = head
         self.s2t_map = s2t_map
         self.weight_VD: Tensor | None = None
-        self._leaves: list[Tensor] = []
+        self._heads: list[TrainableHead] = []
         # Frozen input-embedding rows for the CMA baseline's index embeddings (same gather; shared when tied).
         self.input_embedding = input_embedding
         self.embedding_VF: Tensor | None = None
@@ -92,28 +96,29 @@ class StudentHead:
         return linear_head(self._weight())
 
     def trainable_head(self) -> Head:
-        """A head whose weight gradient is collected in a leaf and later routed to the parameter.
+        """A ``TrainableHead`` over this step's copy; its weight gradient is routed to the parameter later.
 
-        A frozen head (LoRA student: peft freezes the base weights) gets no leaf: gradient reaches its input only.
+        A frozen head (LoRA student: peft freezes the base weights) gets none: gradient reaches its input only.
         """
         if not self.parameter.requires_grad:
             return self.frozen_head()
-        leaf = self._weight().detach().requires_grad_(True)
-        self._leaves.append(leaf)
-        return lambda hidden_ND: F.linear(hidden_ND.to(leaf.dtype), leaf)
+        head = TrainableHead(self._weight())
+        self._heads.append(head)
+        return head
 
     def drop_leaves(self) -> None:
-        """Forget this step's leaves without routing (after an evaluation forward)."""
-        self._leaves.clear()
+        """Forget this step's trainable heads without routing (after an evaluation forward)."""
+        self._heads.clear()
 
     @torch.no_grad()
     def route_gradients(self) -> bool:
-        """Add the leaves' gradients into the parameter's full-shape ``.grad``; True if there was any."""
+        """Add the trainable heads' gradients into the parameter's full-shape ``.grad``; True if there was any."""
         total = None
-        for leaf in self._leaves:
-            if leaf.grad is not None:
-                total = leaf.grad if total is None else total + leaf.grad
-        self._leaves.clear()
+        for head in self._heads:
+            grad = head.take_gradient()
+            if grad is not None:
+                total = grad if total is None else total.add_(grad)
+        self._heads.clear()
         if total is None:
             return False
         param = self.head_module.weight

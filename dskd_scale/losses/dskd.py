@@ -23,14 +23,18 @@ teacher argmax) contribute zero to the sum. The sum over ranks and micro-batches
 ``A`` is then an exact token mean, identical however the window is split. The paper's threshold decides
 *whether* the mask applies; ``reduce.use_t2s_agreement_mask`` turns it into a per-optimizer-step switch
 computed from the previous step's global agreement ratio, passed here as ``options.agreement_mask``.
+The official code's local normalisation (``kd.normalization=official``) is applied by
+``reduce.combine_terms`` from the local hit counts returned here (``t2s_agreement``, ``t2s_label_coverage``).
 
 No ``[A, V]`` or ``[A, W]`` tensor exists beyond one chunk: frozen-head terms (``ce_t2s``, ``kd_s2t``)
-store only their ``[C, D]``/``[C, E]`` input gradient; the student-head term recomputes its chunk in the
-backward.
+store only their ``[C, D]``/``[C, E]`` input gradient; the student-head terms add their weight gradient to
+the ``TrainableHead``'s one accumulator in the forward (or, for a plain head callable, recompute the chunk
+in the backward).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -38,10 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dskd_scale.losses.chunked import HeadFn, eager_input_grad, recomputed_chunk, split_rows
+from dskd_scale.losses.chunked import (
+    HeadFn,
+    TrainableHead,
+    eager_input_grad,
+    fused_head_chunk,
+    recomputed_chunk,
+    split_rows,
+)
 from dskd_scale.losses.divergences import DivergenceParams, RowDivergence, at_least_fp32, resolve_divergence
 
-__all__ = ["LOSS_TERMS", "DSKDOptions", "dskd_loss", "map_teacher_ids", "predicting_rows"]
+__all__ = ["LOSS_TERMS", "DSKDOptions", "dskd_loss", "map_teacher_ids"]
 
 LOSS_TERMS = ("ce", "kd_t2s", "ce_t2s", "kd_s2t")
 SPACES = ("both", "student", "teacher")
@@ -56,6 +67,9 @@ class DSKDOptions:
         temperature, skew_lambda, js_beta, akl_alpha: divergence hyperparameters (``DivergenceParams``).
         spaces: "both", "student" (kd_t2s + ce_t2s only) or "teacher" (kd_s2t only).
         agreement_mask: restrict kd_t2s to rows whose projected argmax equals the mapped teacher argmax.
+        mapped_rows_only: restrict kd_s2t (and an unmasked kd_t2s) to rows whose teacher argmax maps into
+            the student vocabulary, as the official ETA code does (it copies hidden states only for those
+            rows, anchor section 2.3); ``kd.normalization=official`` sets it for ``dskd_eta``.
         chunk_size: aligned rows per chunk (bounds the ``[C, V]`` memory).
         ignore_index: label value ignored by the fused student CE.
     """
@@ -67,6 +81,7 @@ class DSKDOptions:
     akl_alpha: float = 0.5
     spaces: str = "both"
     agreement_mask: bool = True
+    mapped_rows_only: bool = False
     chunk_size: int = 256
     ignore_index: int = -100
 
@@ -101,38 +116,19 @@ def map_teacher_ids(teacher_ids_N: Tensor, teacher_to_student_ids: Tensor) -> Te
     return torch.where(inside, looked_up, torch.full_like(looked_up, -1))
 
 
-def predicting_rows(hidden_BLH: Tensor, batch_index_A: Tensor, token_position_A: Tensor) -> Tensor:
-    """Hidden states ``[A, H]`` at the positions that *predict* the given tokens (``position - 1``).
-
-    One vectorised gather serving both sides (``L`` = S or T, independent lengths, dynamic padding):
-    ``predicting_rows(h_BSD, align_batch, align_student)`` and ``(h_BTE, align_batch, align_teacher)``.
-    Positions must be >= 1 and < L (Contract 1); a violation raises with the offending values.
-    """
-    if batch_index_A.shape != token_position_A.shape or batch_index_A.ndim != 1:
-        raise ValueError(
-            f"batch index {tuple(batch_index_A.shape)} and positions {tuple(token_position_A.shape)} must be equal 1-D"
-        )
-    if token_position_A.numel():
-        low, high = int(token_position_A.min()), int(token_position_A.max())
-        if low < 1 or high >= hidden_BLH.shape[1]:
-            raise ValueError(
-                f"aligned positions must lie in [1, {hidden_BLH.shape[1] - 1}] for a length-{hidden_BLH.shape[1]} "
-                f"batch, got min {low} max {high}"
-            )
-    return hidden_BLH[batch_index_A.long(), token_position_A.long() - 1]
-
-
 def _s2t_chunk(
     mapped_student_CE: Tensor,
     teacher_logits_CW: Tensor,
     teacher_pred_C: Tensor,
+    rows_used_C: Tensor | None,
     *,
     teacher_head: HeadFn,
     row_divergence: RowDivergence,
     params: DivergenceParams,
 ) -> tuple[Tensor, Tensor]:
     logits_CW = teacher_head(mapped_student_CE)
-    loss_sum = row_divergence(logits_CW, teacher_logits_CW, params).sum()
+    rows_C = row_divergence(logits_CW, teacher_logits_CW, params)
+    loss_sum = (rows_C if rows_used_C is None else torch.where(rows_used_C, rows_C, 0.0)).sum()
     return loss_sum, (logits_CW.argmax(-1) == teacher_pred_C).sum()
 
 
@@ -149,21 +145,20 @@ def _t2s_ce_chunk(
     return ce_sum, logits_CV.argmax(-1), logits_CV.detach()
 
 
-def _student_chunk(
-    student_hidden_CD: Tensor,
+def _student_terms(
+    logits_CV: Tensor,
     projected_teacher_CD: Tensor | None,
     kd_mask_C: Tensor | None,
     labels_C: Tensor | None,
     mapped_label_C: Tensor,
     *,
     target_logits_CV: Tensor | None,
-    student_head: HeadFn,
     student_head_frozen: HeadFn,
     row_divergence: RowDivergence,
     params: DivergenceParams,
     ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    logits_CV = student_head(student_hidden_CD)
+    """kd_t2s and the fused CE from the student logits of one chunk (+ argmax hits)."""
     zero = logits_CV.new_zeros((), dtype=torch.float32)
     kd_sum = zero
     if projected_teacher_CD is not None:
@@ -178,6 +173,11 @@ def _student_chunk(
     return kd_sum, ce_sum, (logits_CV.argmax(-1) == mapped_label_C).sum()
 
 
+def _student_chunk(student_hidden_CD: Tensor, *rows: Tensor | None, student_head: HeadFn, **kw) -> tuple[Tensor, ...]:
+    """``_student_terms`` of a plain head callable (autograd path)."""
+    return _student_terms(student_head(student_hidden_CD), *rows, **kw)
+
+
 def dskd_loss(
     student_hidden_AD: Tensor,
     teacher_hidden_AE: Tensor,
@@ -190,13 +190,16 @@ def dskd_loss(
     teacher_to_student_ids: Tensor,
     options: DSKDOptions,
     student_labels_A: Tensor | None = None,
+    head_grad_weights: Mapping[str, float] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """DSKD v2 terms as ``{name: (sum, count)}`` over aligned rows.
 
     Args:
         student_hidden_AD: student last hidden states at the rows predicting aligned tokens (grad flows).
         teacher_hidden_AE: teacher last hidden states at the paired rows (detached here).
-        student_head: trainable student head callable ``[C, D] -> [C, V]`` (module call under ZeRO-3).
+        student_head: trainable student head: a ``TrainableHead`` (its weight gradient is accumulated in the
+            forward into one buffer, see ``chunked.fused_head_chunk``) or any callable ``[C, D] -> [C, V]``
+            (e.g. a module call under ZeRO-3; the chunk is recomputed in the backward).
         student_head_frozen: the same head without gradient to its weight (e.g. ``F.linear`` on a
             detached/gathered copy); gradient still flows to its input.
         teacher_head: frozen teacher head ``[C, E] -> [C, W]``.
@@ -207,6 +210,9 @@ def dskd_loss(
         options: ``DSKDOptions``.
         student_labels_A: optional gold next-token ids of the student rows (``ignore_index`` to skip);
             when given, the student CE is returned as ``"ce"``.
+        head_grad_weights: expected ``d loss / d sum`` of ``kd_t2s`` and ``ce`` (``reduce.term_weights``),
+            up to a common factor; only used by a ``TrainableHead`` to skip recomputation. A missing term
+            reads 0 (unknown or unused: exact, the chunk is recomputed in the backward if it is used).
 
     Returns:
         ``kd_t2s``, ``ce_t2s``, ``kd_s2t`` (count = A; a term outside ``options.spaces`` is a zero sum),
@@ -231,6 +237,7 @@ def dskd_loss(
 
     params = options.divergence_params()
     row_divergence = resolve_divergence(options.divergence)
+    weights = dict(head_grad_weights or {})
     device = student_hidden_AD.device
     id_map = teacher_to_student_ids.to(device=device, dtype=torch.long)
     teacher_hidden_AE = teacher_hidden_AE.detach()
@@ -265,7 +272,8 @@ def dskd_loss(
         sums["t2s_label_coverage"] += (mapped_label_C >= 0).sum()
         if use_teacher_space:
             s2t_fn = partial(_s2t_chunk, teacher_head=teacher_head, row_divergence=row_divergence, params=params)
-            kd_s2t, s2t_hits = eager_input_grad(s2t_fn, mapped_s, teacher_logits_CW, teacher_pred_C)
+            s2t_rows_C = mapped_label_C >= 0 if options.mapped_rows_only else None
+            kd_s2t, s2t_hits = eager_input_grad(s2t_fn, mapped_s, teacher_logits_CW, teacher_pred_C, s2t_rows_C)
             sums["kd_s2t"] = sums["kd_s2t"] + kd_s2t
             sums["s2t_acc"] += s2t_hits
         del teacher_logits_CW
@@ -275,7 +283,10 @@ def dskd_loss(
             ce_fn = partial(_t2s_ce_chunk, student_head_frozen=student_head_frozen)
             ce_t2s, t2s_pred_C, target_logits_CV = eager_input_grad(ce_fn, projected_t, mapped_label_C)
             agree_C = (t2s_pred_C == mapped_label_C) & (mapped_label_C >= 0)
-            kd_mask_C = agree_C if options.agreement_mask else torch.ones_like(agree_C)
+            if options.agreement_mask:
+                kd_mask_C = agree_C
+            else:
+                kd_mask_C = mapped_label_C >= 0 if options.mapped_rows_only else torch.ones_like(agree_C)
             sums["ce_t2s"] = sums["ce_t2s"] + ce_t2s
             sums["t2s_agreement"] += agree_C.sum()
             projected_t = projected_t.detach()
@@ -283,24 +294,31 @@ def dskd_loss(
             projected_t = None
         if projected_t is None and labels is None:
             continue  # teacher space only, no fused CE: the student head is not needed
-        student_fn = partial(
-            _student_chunk,
-            student_head=student_head,
+        chunk_rows = (projected_t, kd_mask_C, labels, mapped_label_C)
+        terms_kw = dict(
             student_head_frozen=student_head_frozen,
             row_divergence=row_divergence,
             params=params,
             ignore_index=options.ignore_index,
         )
-        kd_t2s, ce, hits = recomputed_chunk(
-            partial(student_fn, target_logits_CV=None),
-            student_h,
-            projected_t,
-            kd_mask_C,
-            labels,
-            mapped_label_C,
-            first_pass_fn=partial(student_fn, target_logits_CV=target_logits_CV),
-            num_losses=2,
-        )
+        if isinstance(student_head, TrainableHead):
+            kd_t2s, ce, hits = fused_head_chunk(
+                partial(_student_terms, target_logits_CV=None, **terms_kw),
+                student_head,
+                student_h,
+                *chunk_rows,
+                expected_weights=(weights.get("kd_t2s", 0.0), weights.get("ce", 0.0)),
+                first_pass_fn=partial(_student_terms, target_logits_CV=target_logits_CV, **terms_kw),
+            )
+        else:
+            student_fn = partial(_student_chunk, student_head=student_head, **terms_kw)
+            kd_t2s, ce, hits = recomputed_chunk(
+                partial(student_fn, target_logits_CV=None),
+                student_h,
+                *chunk_rows,
+                first_pass_fn=partial(student_fn, target_logits_CV=target_logits_CV),
+                num_losses=2,
+            )
         del target_logits_CV
         sums["kd_t2s"] = sums["kd_t2s"] + kd_t2s
         sums["ce"] = sums["ce"] + ce

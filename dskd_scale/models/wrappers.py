@@ -1,9 +1,9 @@
 """The two modules handed to DeepSpeed: the trained student (+ projectors) and the frozen teacher body.
 
 Both return the LAST hidden state only (after the final norm), never all layers' hidden states and never
-full-sequence logits: heads are applied later to the few rows the loss needs (``dskd_anchor.md`` §1.1).
-Shape legend: ``B`` batch, ``S``/``T`` student/teacher positions, ``D``/``E`` student/teacher hidden,
-``A`` aligned rows.
+full-sequence logits: heads are applied later to the few rows the loss needs (a [B, S, V] logit tensor
+would dominate memory).
+Shape legend: ``B`` batch, ``S``/``T`` student/teacher positions, ``D``/``E`` student/teacher hidden.
 """
 
 from __future__ import annotations
@@ -39,17 +39,9 @@ class DistillStudent(nn.Module):
     def causal_lm(self) -> nn.Module:
         return causal_lm_of(self.student)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor,
-                teacher_hidden_AE: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Student last hidden ``[B, S, D]`` and, when given teacher rows ``[A, E]``, their t2s projection ``[A, D]``.
-
-        The projector runs inside this forward so ZeRO-3 gathers its weight with the rest of the module.
-        """
-        hidden_BSD = body_of(self.student)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        projected_AD = None
-        if teacher_hidden_AE is not None and self.t2s_projector is not None:
-            projected_AD = self.t2s_projector(teacher_hidden_AE)
-        return hidden_BSD, projected_AD
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Student last hidden ``[B, S, D]``; the losses apply the projectors to the few aligned rows."""
+        return body_of(self.student)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 class TeacherBody(nn.Module):

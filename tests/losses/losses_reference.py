@@ -8,9 +8,16 @@ from torch import Tensor
 
 
 def naive_forward_kl_rows(student_logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
+    """KL(p || q) per row, p = softmax(target / tau), q = softmax(student / tau), in fp64 (anchor section 1.6)."""
     log_q = F.log_softmax(student_logits.double() / temperature, -1)
     log_p = F.log_softmax(target_logits.double() / temperature, -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def pinv_s2t_matrix(teacher_rows: Tensor, student_rows: Tensor) -> Tensor:
+    """Q = pinv(W_t^O) W_s^O in fp64 (anchor section 1.2): the minimum-norm least-squares solution (SVD
+    driver), not our projector code."""
+    return torch.linalg.lstsq(teacher_rows.detach().double(), student_rows.detach().double(), driver="gelsd").solution
 
 
 def naive_dskd(
@@ -19,32 +26,37 @@ def naive_dskd(
     student_weight: Tensor,
     teacher_weight: Tensor,
     projector_weight: Tensor,
-    s2t_fn,
+    s2t_matrix: Tensor,
     id_map: Tensor,
     *,
     temperature: float = 1.0,
     agreement_mask: bool = True,
     labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """All four logit tensors over every row at once, forward KL, sums (no normalisation)."""
-    teacher_hidden = teacher_hidden.detach()
+    """DSKD v2 sums from the equations of anchor section 1.4: four full logit tensors over every row, fp64.
+
+    ``s2t_matrix`` is Q ``[E, D]`` (``pinv_s2t_matrix`` or a learned weight); ``id_map`` maps teacher ids to
+    student ids, ``-1`` (and any id beyond the map) meaning "no counterpart". Gradients flow to the fp32
+    leaves through the fp64 casts.
+    """
+    student_hidden, teacher_hidden = student_hidden.double(), teacher_hidden.detach().double()
+    student_weight, teacher_weight = student_weight.double(), teacher_weight.detach().double()
     with torch.no_grad():
         teacher_logits = teacher_hidden @ teacher_weight.T
         teacher_pred = teacher_logits.argmax(-1)
         known = teacher_pred < id_map.numel()
         mapped = torch.where(known, id_map[teacher_pred.clamp(max=id_map.numel() - 1)], -1)
-    projected = teacher_hidden @ projector_weight.T
-    t2s_logits = projected @ student_weight.detach().T
-    ce_t2s = F.cross_entropy(t2s_logits.double(), mapped, ignore_index=-1, reduction="sum")
+    t2s_logits = (teacher_hidden @ projector_weight.double().T) @ student_weight.detach().T
+    ce_t2s = F.cross_entropy(t2s_logits, mapped, ignore_index=-1, reduction="sum")
     agree = (t2s_logits.argmax(-1) == mapped) & (mapped >= 0)
     student_logits = student_hidden @ student_weight.T
     kd_rows = naive_forward_kl_rows(student_logits, t2s_logits.detach(), temperature)
     kd_t2s = (kd_rows * agree).sum() if agreement_mask else kd_rows.sum()
-    s2t_logits = s2t_fn(student_hidden) @ teacher_weight.detach().T
+    s2t_logits = (student_hidden @ s2t_matrix.double().T) @ teacher_weight.T
     kd_s2t = naive_forward_kl_rows(s2t_logits, teacher_logits, temperature).sum()
     out = {"kd_t2s": kd_t2s, "ce_t2s": ce_t2s, "kd_s2t": kd_s2t, "agree": agree.sum(), "mapped": (mapped >= 0).sum()}
     if labels is not None:
-        out["ce"] = F.cross_entropy(student_logits.double(), labels, ignore_index=-100, reduction="sum")
+        out["ce"] = F.cross_entropy(student_logits, labels, ignore_index=-100, reduction="sum")
     return out
 
 

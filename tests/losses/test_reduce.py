@@ -5,10 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from losses_reference import TinyDistillation
+from tolerance import approx_tolerance, reduction_tolerance
 
-from dskd_scale.losses import combine_terms, use_t2s_agreement_mask
+from dskd_scale.losses import combine_terms, term_weights, use_t2s_agreement_mask
 
 ALPHA = 0.4
+HAND = approx_tolerance(torch.float32, 8)  # a hand-computed combination of at most 8 fp32 terms
+# A gradient entry sums over the examples' rows (~40), a head softmax (V, W ~ 13) and hidden sizes (~8) in
+# fp32, in an order that depends on the split: the bound follows from that chain (tolerance.py).
+CHAIN = 40 + 13 + 13 + 8 + 8
+
+
+def GRAD_TOLERANCE(want):  # noqa: N802 (reads as a constant at the call sites)
+    return reduction_tolerance(torch.float32, CHAIN, scale=float(want.abs().max()) + 1.0)
 
 
 def _t(value):
@@ -26,15 +35,15 @@ def test_hand_computed_combination_and_scaling():
     counts = {"ce": 12, "kd_t2s": 8, "ce_t2s": 8, "kd_s2t": 8, "t2s_agreement": 8}
     loss, metrics = combine_terms(terms, counts, alpha=0.3, world_size=4, grad_accum_steps=2)
     total = 0.7 * 6 / 12 + 0.3 * (2 / 8 + 4 / 8 + 1 / 8)
-    assert loss.item() == pytest.approx(8 * total)
-    assert metrics["loss"].item() == pytest.approx(total)
-    assert metrics["t2s_agreement"].item() == pytest.approx(1 / 8)
+    assert loss.item() == pytest.approx(8 * total, **HAND)
+    assert metrics["loss"].item() == pytest.approx(total, **HAND)
+    assert metrics["t2s_agreement"].item() == pytest.approx(1 / 8, **HAND)
     student_only, _ = combine_terms(terms, counts, alpha=0.3, world_size=1, grad_accum_steps=1, spaces="student")
-    assert student_only.item() == pytest.approx(0.7 * 0.5 + 0.3 * (0.25 + 0.5))
+    assert student_only.item() == pytest.approx(0.7 * 0.5 + 0.3 * (0.25 + 0.5), **HAND)
     teacher_only, _ = combine_terms(terms, counts, alpha=1.0, world_size=1, grad_accum_steps=1, spaces="teacher")
-    assert teacher_only.item() == pytest.approx(1 / 8)
+    assert teacher_only.item() == pytest.approx(1 / 8, **HAND)
     ce_only, _ = combine_terms({"ce": terms["ce"]}, {"ce": 12}, alpha=0.0, world_size=1, grad_accum_steps=1)
-    assert ce_only.item() == pytest.approx(0.5)
+    assert ce_only.item() == pytest.approx(0.5, **HAND)
 
 
 def test_empty_terms_and_bad_arguments():
@@ -84,9 +93,26 @@ def test_token_mean_invariance_across_ranks_and_micro_batches():
     setup = TinyDistillation(seed=0)
     reference, reference_loss = simulate_deepspeed(setup, [[list(range(7))]])
     split, split_loss = simulate_deepspeed(setup, [[[0, 1], [2]], [[3, 4, 5], [6]]])
-    assert split_loss == pytest.approx(reference_loss, rel=1e-5)
+    assert split_loss == pytest.approx(reference_loss, **approx_tolerance(torch.float32, CHAIN))
     for got, want in zip(split, reference, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, want, **GRAD_TOLERANCE(want))
     # The anchor's per-micro-batch (local) normalisation is NOT invariant: the test can tell them apart.
     local, _ = simulate_deepspeed(setup, [[[0, 1], [2]], [[3, 4, 5], [6]]], use_global_counts=False)
     assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(local, reference, strict=True))
+
+
+@pytest.mark.parametrize("spaces", ["both", "student", "teacher"])
+def test_term_weights_are_the_gradients_of_the_combined_loss(spaces):
+    """``term_weights`` (what the fused head expects) equals d(loss to backward)/d(term sum) of combine_terms."""
+    names = ("ce", "kd_t2s", "ce_t2s", "kd_s2t")
+    sums = {name: torch.tensor(float(i + 1), requires_grad=True) for i, name in enumerate(names)}
+    counts = {"ce": 12, "kd_t2s": 8, "ce_t2s": 8, "kd_s2t": 8}
+    loss, _ = combine_terms({n: (sums[n], torch.tensor(1)) for n in names}, counts, alpha=0.3, world_size=4,
+                            grad_accum_steps=2, spaces=spaces)
+    loss.backward()
+    weights = term_weights(counts, alpha=0.3, world_size=4, grad_accum_steps=2, spaces=spaces)
+    for name in names:
+        got = 0.0 if sums[name].grad is None else sums[name].grad.item()
+        assert weights.get(name, 0.0) == pytest.approx(got, **HAND), name
+    # Locally normalised (official) terms are left out: their count is known only after the forward.
+    assert "kd_t2s" not in term_weights(counts, alpha=0.3, world_size=1, grad_accum_steps=1, local_terms=("kd_t2s",))

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from tolerance import reduction_tolerance
 
 PORT = 29821
 
@@ -21,5 +23,8 @@ def test_zero3_module_head_gradients_match_plain_torch():
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("MAXDIFF")][-1]
-    _, max_diff, _, loss_diff = line.split()
-    assert float(max_diff) < 1e-5 and float(loss_diff) < 1e-4, line
+    _, max_diff, _, grad_scale, _, loss_diff, _, loss = line.split()
+    # fp32, summed over A = 37 rows, V = 50 logits, hidden 24, in chunk orders that differ between the runs.
+    chain = 37 + 50 + 24 + 16
+    assert float(max_diff) <= reduction_tolerance(torch.float32, chain, scale=float(grad_scale))["atol"], line
+    assert float(loss_diff) <= reduction_tolerance(torch.float32, chain, scale=abs(float(loss)))["atol"], line

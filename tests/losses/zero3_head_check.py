@@ -1,5 +1,6 @@
 """Run by test_zero3_head.py in its own process: dskd_loss + student_ce with a ZeRO-3 partitioned student
-head called as a module (single rank, CPU, gloo). Prints one line ``MAXDIFF <float> LOSSDIFF <float>``."""
+head called as a module (single rank, CPU, gloo). Prints one line
+``MAXDIFF <float> GRADSCALE <float> LOSSDIFF <float> LOSS <float>`` (differences and magnitudes)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def main() -> None:
         float((safe_get_full_grad(p) - reference_grads[name].grad).abs().max())
         for name, p in engine.module.named_parameters()
     )
-    print(f"MAXDIFF {diff} LOSSDIFF {abs(float(loss) - float(expected))}", flush=True)
+    scale = max(float(p.grad.abs().max()) for p in reference_grads.values() if p.grad is not None)
+    print(f"MAXDIFF {diff} GRADSCALE {scale} LOSSDIFF {abs(float(loss) - float(expected))} LOSS {float(expected)}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DSKD v1 with Cross-Model Attention (CMA; dskd_anchor.md §3.1), the cross-vocabulary baseline "DSKD-CMA".
+"""DSKD v1 with Cross-Model Attention (CMA, arXiv 2406.17328 §3), the cross-vocabulary baseline "DSKD-CMA".
 
 Shape legend: ``B`` batch, ``S``/``T`` student/teacher positions (predicting positions: the last position of
 each padded row is dropped), ``D``/``E`` student/teacher hidden, ``F``/``G`` student/teacher embedding widths,
