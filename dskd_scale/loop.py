@@ -3,9 +3,14 @@
 -> log / eval / checkpoint.
 
 Collectives per optimizer step: the one all-reduce above, the student head gather (DSKD only) and
-DeepSpeed's own. Metrics are reduced once per logging interval (``metrics.MetricWindow``). A non-finite
-loss gives non-finite gradients, which DeepSpeed's ZeRO optimizer detects through its all-reduced global
-gradient norm and skips on every rank (no optimizer or scheduler update); the loop counts and logs it.
+DeepSpeed's own. Metrics are reduced once per logging interval (``metrics.MetricWindow``).
+
+Non-finite values: a micro-batch whose loss is not finite, or whose teacher hidden states are not finite at
+a real token (masked terms could keep such a loss finite), gets a NaN loss, hence NaN gradients, which
+DeepSpeed's ZeRO optimizer detects through its all-reduced global gradient norm and skips on every rank (no
+optimizer or scheduler update). The loop counts those micro-batches (summed over ranks with the metrics), logs
+no loss for a skipped step (the window mean is over applied steps) and stops with ``TrainingDiverged`` after
+``optim.max_consecutive_skipped_steps`` skipped steps in a row, before anything is exported.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ import numpy as np
 import torch
 
 from dskd_scale.config.loader import config_to_dict
-from dskd_scale.criteria import batch_rows, combine, compute_terms, local_counts
+from dskd_scale.criteria import batch_rows, combine, compute_terms, head_grad_weights, local_counts
+from dskd_scale.data.format import atomic_write_bytes
 from dskd_scale.engine import checkpoint as ckpt
 from dskd_scale.engine.distributed import all_reduce_sum, device
 from dskd_scale.engine.export import export_student
 from dskd_scale.engine.signals import EXIT_REQUEUE, StopSignal
 from dskd_scale.losses import use_t2s_agreement_mask
 from dskd_scale.metrics import MetricWindow, memory_bytes
+from dskd_scale.tb_logging import log_run_start
 from dskd_scale.train_setup import Setup
 from dskd_scale.utils.logging import get_logger, is_rank_zero
 
@@ -41,9 +48,32 @@ class LoopState:
     step: int = 0
     student_tokens: int = 0
     skipped_steps: int = 0
-    nonfinite_losses: int = 0
+    consecutive_skipped_steps: int = 0
+    nonfinite_losses: int = 0  # micro-batches, all ranks: non-finite loss or teacher hidden states
+    nonfinite_teacher: int = 0  # of which the teacher's hidden states were not finite
     agreement_hits: float = 0.0  # previous step's global t2s agreement hits / aligned rows
     agreement_rows: float = 0.0
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row were skipped for non-finite values (raised on every rank)."""
+
+
+# MetricWindow totals that update LoopState counters when reduced (summed over ranks).
+_COUNTERS = {"count/nonfinite_losses": "nonfinite_losses", "count/nonfinite_teacher": "nonfinite_teacher",
+             "count/student_tokens": "student_tokens"}
+
+
+def _add_counters(state: LoopState, totals: dict[str, float]) -> None:
+    for name, field_name in _COUNTERS.items():
+        setattr(state, field_name, getattr(state, field_name) + int(round(totals.pop(name, 0.0))))
+
+
+def _teacher_nonfinite(hidden: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """True (0-dim, on device) if the teacher's hidden state is not finite at some real (unmasked) token."""
+    if hidden is None:
+        return torch.zeros((), dtype=torch.bool, device=batch["student_attention_mask"].device)
+    return ((~torch.isfinite(hidden)).any(dim=-1) & batch["teacher_attention_mask"].bool()).any()
 
 
 def seeded_rng_state(seed: int) -> dict:
@@ -70,12 +100,18 @@ def _teacher_hidden(setup: Setup, batch: dict[str, torch.Tensor]) -> torch.Tenso
         return setup.engines.teacher(batch["teacher_input_ids"], batch["teacher_attention_mask"])
 
 
-def _save(setup: Setup, state: LoopState, sampler_state: dict) -> None:
+def _save(setup: Setup, state: LoopState, sampler_state: dict, window: MetricWindow) -> None:
+    """Collective. Flushes the window's counters into ``state`` first: the checkpoint holds exact global counts."""
     import yaml
 
+    _add_counters(state, window.reduce_totals(all_reduce_sum, device()))
     tag_dir = setup.checkpoint_dir / ckpt.step_tag(state.step)
-    if (tag_dir / ckpt.COMPLETE_MARKER).is_file():
-        return  # this step is already checkpointed (periodic save, then a signal at the same boundary)
+    if ckpt.verify(tag_dir) is None:
+        # Already checkpointed (a periodic save, then a signal at the same boundary; or a rerun after a kill
+        # between COMPLETE and `latest`): make sure `latest` moves forward to it.
+        if is_rank_zero():
+            ckpt.mark_latest(setup.checkpoint_dir, tag_dir.name)
+        return
     extra = {"run_config.yaml": yaml.safe_dump(config_to_dict(setup.cfg), sort_keys=False),
              "ds_config.json": json.dumps(setup.engines.student_ds_config, indent=2)}
     ckpt.save_checkpoint(setup.engines.student, setup.checkpoint_dir, state.step,
@@ -97,7 +133,28 @@ def _resume(setup: Setup, state: LoopState) -> None:
     for key, value in client["loop"].items():
         setattr(state, key, value)
     setup.train_loader.load_state_dict(client["sampler"])
+    if policy == "auto" and is_rank_zero():
+        ckpt.mark_latest(save_dir, tag)  # a kill between COMPLETE and `latest` left it one checkpoint behind
     log.info("resumed from %s at step %d", save_dir / tag, state.step)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Rank 0, at start: drop ``metrics.jsonl`` rows of steps after ``step`` (a resume re-runs them), and a last
+    line cut short by a kill; atomic."""
+    if not path.is_file():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines if line.strip() and keep(line)]
+    if kept != lines:
+        atomic_write_bytes(path, "".join(kept).encode())
+        log.info("%s: dropped %d row(s) after step %d (they are re-run)", path, len(lines) - len(kept), step)
 
 
 def evaluate(setup: Setup, max_batches: int) -> dict[str, float]:
@@ -115,7 +172,7 @@ def evaluate(setup: Setup, max_batches: int) -> dict[str, float]:
         rows = batch_rows(batch)
         with torch.no_grad():
             teacher_hidden = _teacher_hidden(setup, batch)
-            student_hidden, _ = engines.student(batch["student_input_ids"], batch["student_attention_mask"])
+            student_hidden = engines.student(batch["student_input_ids"], batch["student_attention_mask"])
         with torch.enable_grad():  # frozen-head terms take an input gradient eagerly; nothing is applied
             terms = compute_terms(kd, rows, student_hidden, teacher_hidden, engines, batch=batch)
         for name, (value_sum, count) in terms.items():
@@ -134,8 +191,11 @@ def evaluate(setup: Setup, max_batches: int) -> dict[str, float]:
 
 def _log(setup: Setup, window: MetricWindow, state: LoopState, writer, bar) -> None:
     values = window.reduce(all_reduce_sum, setup.world_size, device())
+    _add_counters(state, values)
     values["train/skipped_steps"] = state.skipped_steps
     values["train/nonfinite_losses"] = state.nonfinite_losses
+    values["train/nonfinite_teacher"] = state.nonfinite_teacher
+    values["train/student_tokens"] = state.student_tokens
     if is_rank_zero():
         with open(setup.output_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps({"step": state.step, **values}) + "\n")
@@ -178,12 +238,16 @@ def train(setup: Setup) -> int:
     # Dropout and any sampling draw from these; a resume replaces them with the checkpoint's states.
     ckpt.set_rng_state(seeded_rng_state(cfg.seed + setup.rank))
     _resume(setup, state)
+    if is_rank_zero():
+        _drop_metrics_after(setup.output_dir / "metrics.jsonl", state.step)
     writer = bar = None
     if is_rank_zero():
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(setup.output_dir / "tensorboard"))
+            # purge_step: events of steps after the resumed one are dropped (they are re-run).
+            writer = SummaryWriter(str(setup.output_dir / "tensorboard"), purge_step=state.step + 1)
+            log_run_start(writer, config_to_dict(cfg), world_size=setup.world_size, train_dir=cfg.data.train_dir)
         if cfg.log.progress_bar:
             from tqdm.auto import tqdm
 
@@ -209,37 +273,52 @@ def train(setup: Setup) -> int:
             packed = all_reduce_sum(packed).cpu().tolist()
             if packed[len(names)] > 0:
                 log.warning("stop signal: checkpointing at step %d and exiting with %d", state.step, EXIT_REQUEUE)
-                _save(setup, state, sampler_before)
+                _save(setup, state, sampler_before, window)
                 return EXIT_REQUEUE
             global_counts = dict(zip(names, packed[: len(names)], strict=True))
             agreement_mask = use_t2s_agreement_mask(packed[-2], packed[-1], kd.t2s_agreement_threshold)
+            weights = head_grad_weights(kd, global_counts, world_size=setup.world_size, grad_accum_steps=ga)
             engines.student_head.refresh()
             teacher_seconds, agreement_hits, step_tokens = 0.0, 0.0, 0
+            step_metrics: dict[str, torch.Tensor] = {}
+            step_nonfinite, step_teacher_nonfinite = 0, 0
             for batch, row in zip(micro, rows, strict=True):
                 teacher_start = time.perf_counter()
                 teacher_hidden = _teacher_hidden(setup, batch)
                 teacher_seconds += time.perf_counter() - teacher_start
-                student_hidden, _ = engines.student(batch["student_input_ids"], batch["student_attention_mask"])
+                student_hidden = engines.student(batch["student_input_ids"], batch["student_attention_mask"])
                 terms = compute_terms(kd, row, student_hidden, teacher_hidden, engines,
-                                      agreement_mask=agreement_mask, batch=batch)
-                loss, metrics = combine(kd, terms, global_counts, world_size=setup.world_size, grad_accum_steps=ga)
-                if not bool(torch.isfinite(loss)):
-                    state.nonfinite_losses += 1  # local; DeepSpeed skips the step on all ranks
+                                      agreement_mask=agreement_mask, batch=batch, head_grad_weights=weights)
+                loss, metrics = combine(kd, terms, global_counts, world_size=setup.world_size, grad_accum_steps=ga,
+                                        agreement_mask=agreement_mask)
+                flags = torch.stack([~torch.isfinite(loss), _teacher_nonfinite(teacher_hidden, batch)])
+                nonfinite_loss, bad_teacher = flags.tolist()  # one host sync, as the finiteness check alone
+                if bad_teacher:
+                    loss = loss * float("nan")  # NaN gradients: DeepSpeed skips the step on every rank
+                step_nonfinite += int(nonfinite_loss or bad_teacher)
+                step_teacher_nonfinite += int(bad_teacher)
                 engines.backward(loss)
                 engines.student.step()
                 for name, value in metrics.items():
-                    window.add_global(f"train/{name}", value if torch.isfinite(value) else torch.zeros(()))
+                    step_metrics[name] = step_metrics.get(name, 0.0) + value.detach()
                 if "t2s_agreement" in terms:
                     agreement_hits += float(terms["t2s_agreement"][0])
                 step_tokens += int(batch["student_attention_mask"].sum())
-            if not engines.student.was_step_applied():
+            if engines.student.was_step_applied():  # the same decision on every rank
+                state.consecutive_skipped_steps = 0
+                for name, value in step_metrics.items():  # a skipped step's loss is not logged
+                    window.add_global(f"train/{name}", value)
+            else:
                 state.skipped_steps += 1
+                state.consecutive_skipped_steps += 1
                 log.warning("step %d skipped: non-finite gradient norm (collective decision)", state.step + 1)
+            window.add_total("count/nonfinite_losses", step_nonfinite)
+            window.add_total("count/nonfinite_teacher", step_teacher_nonfinite)
+            window.add_total("count/student_tokens", step_tokens)
             state.step += 1
             state.agreement_hits, state.agreement_rows = agreement_hits, global_counts.get("kd_t2s", 0.0) / max(
                 setup.world_size, 1)
             step_seconds = time.perf_counter() - step_start
-            state.student_tokens += step_tokens
             window.add_global("perf/tokens_per_s", step_tokens / step_seconds)
             if "kd_t2s" in global_counts:  # aligned rows per student response token (DSKD criteria only)
                 window.add_global("train/alignment_ratio", global_counts["kd_t2s"]
@@ -247,7 +326,7 @@ def train(setup: Setup) -> int:
             window.add_local("perf/step_seconds", step_seconds)
             window.add_local("perf/teacher_time_share", teacher_seconds / step_seconds)
             for name, value in memory_bytes().items():
-                window.add_local(name, value)
+                window.add_peak(name, value)  # the largest rank decides whether a run fits
             window.end_step()
             grad_norm = engines.student.get_global_grad_norm()
             if grad_norm is not None:
@@ -269,8 +348,15 @@ def train(setup: Setup) -> int:
                     if writer is not None:
                         for name, value in values.items():
                             writer.add_scalar(name, value, state.step)
+            limit = cfg.optim.max_consecutive_skipped_steps
+            if limit and state.consecutive_skipped_steps >= limit:
+                raise TrainingDiverged(
+                    f"training diverged: the last {state.consecutive_skipped_steps} optimizer steps (to step "
+                    f"{state.step}) were all skipped for non-finite gradients (optim.max_consecutive_skipped_steps="
+                    f"{limit}); nothing exported. Lower optim.lr (now {cfg.optim.lr:g}) or check the data; "
+                    f"checkpoints in {setup.checkpoint_dir} saved during those steps hold the diverged weights")
             if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or last:
-                _save(setup, state, setup.train_loader.state_dict())
+                _save(setup, state, setup.train_loader.state_dict(), window)
         if cfg.checkpoint.export_at_end:
             export_student(engines, setup.output_dir / "export")
         _report_teacher(setup)

@@ -7,7 +7,8 @@
 #                          (run it on every node, NODE_RANK 0..N-1, like a static torchrun rendezvous)
 #
 # HOSTFILE lines are `<host> slots=<gpus>`. With pdsh, every node must reach the others by passwordless ssh and
-# see the same paths; environment variables reach them only through ~/.deepspeed_env or ./.deepspeed_env.
+# see the same paths; environment variables (OMP_NUM_THREADS, DS_ACCELERATOR, ...) reach them only through
+# ~/.deepspeed_env, ./.deepspeed_env or the file DS_ENV_FILE names (KEY=VALUE lines). SSH_PORT: sshd's port.
 # Environment knobs (optional): PYTHON (interpreter whose bin/ holds `deepspeed`), MASTER_ADDR (default: first
 # host of HOSTFILE), MASTER_PORT (default 29500), SSH_PORT, DS_LAUNCHER (pdsh | openmpi | mpich | mvapich | impi),
 # TRAIN_SCRIPT (default launch/train.py), OMP_NUM_THREADS (default 1 per rank; the launcher does not set it).
@@ -46,5 +47,12 @@ else
   fi
 fi
 
+# A rank's one-line error (bad input: 2, diverged: 3, full disk: 75) ends the output and sets the exit status.
+# shellcheck source=launch/rank_exit.sh
+source "$ROOT/launch/rank_exit.sh"
+rank_exit_init
 echo "[run_deepspeed.sh] ${launcher[*]} $TRAIN_SCRIPT --config $CONFIG $*"
-exec "${launcher[@]}" "$TRAIN_SCRIPT" --config "$CONFIG" "$@"
+rc=0
+"${launcher[@]}" "$TRAIN_SCRIPT" --config "$CONFIG" "$@" || rc=$?
+rank_exit_status run_deepspeed.sh "$rc"
+exit "$RANK_EXIT_STATUS"

@@ -35,5 +35,12 @@ mpi=("$MPIEXEC" -n "$NP")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export MPIR_CVAR_CH4_NETMOD=${MPIR_CVAR_CH4_NETMOD:-ofi} FI_PROVIDER=${FI_PROVIDER:-tcp}
 
+# A rank's one-line error (bad input: 2, diverged: 3, full disk: 75) ends the output and sets the exit status.
+# shellcheck source=launch/rank_exit.sh
+source "$ROOT/launch/rank_exit.sh"
+rank_exit_init
 echo "[run_mpi.sh] ${mpi[*]} $PYTHON -u $TRAIN_SCRIPT --config $CONFIG $*"
-exec "${mpi[@]}" "$PYTHON" -u "$TRAIN_SCRIPT" --config "$CONFIG" "$@"
+rc=0
+"${mpi[@]}" "$PYTHON" -u "$TRAIN_SCRIPT" --config "$CONFIG" "$@" || rc=$?
+rank_exit_status run_mpi.sh "$rc"
+exit "$RANK_EXIT_STATUS"
