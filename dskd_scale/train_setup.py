@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dskd_scale.config.loader import save_config
-from dskd_scale.config.run import DSKD_V2_CRITERIA, RunConfig
+from dskd_scale.config.run import DSKD_V2_CRITERIA, ModelConfig, RunConfig
 from dskd_scale.data import format as shard_format
 from dskd_scale.data.dataset import DataError, PrealignedDataset
 from dskd_scale.data.loader import TrainLoader, build_train_loader
@@ -61,14 +61,18 @@ def total_optimizer_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     return cfg.optim.epochs * per_epoch
 
 
-def setup_run(cfg: RunConfig) -> Setup:
-    """Everything ``loop.train`` needs; collective (call on every rank)."""
-    rank, world = init_distributed(cfg.engine.dist_backend, skip_cpu_shm_op=cfg.engine.skip_cpu_shm_op)
-    output_dir = Path(cfg.output_dir)
-    student_tokenizer = load_tokenizer(cfg.student.tokenizer_path, key="student.tokenizer")
-    teacher_tokenizer = None
-    if cfg.needs_teacher or cfg.teacher.tokenizer_path:
-        teacher_tokenizer = load_tokenizer(cfg.teacher.tokenizer_path, key="teacher.tokenizer")
+def tokenizer_key(cfg: ModelConfig, role: str) -> str:
+    """The config key a model's tokenizer comes from: ``<role>.tokenizer`` if set, else ``<role>.path``."""
+    return f"{role}.tokenizer" if cfg.tokenizer else f"{role}.path"
+
+
+def uses_teacher_tokenizer(cfg: RunConfig) -> bool:
+    return cfg.needs_teacher or bool(cfg.teacher.tokenizer_path)
+
+
+def open_run_data(cfg: RunConfig, student_tokenizer, teacher_tokenizer
+                  ) -> tuple[PrealignedDataset, PrealignedDataset | None]:
+    """The verified training set and the evaluation set (``data.eval_dir``, a hold-out, or none)."""
     train_set = open_dataset(cfg.data.train_dir, "data.train_dir", student_tokenizer, teacher_tokenizer)
     eval_set = None
     if cfg.data.eval_dir:
@@ -76,10 +80,26 @@ def setup_run(cfg: RunConfig) -> Setup:
     elif cfg.data.eval_holdout > 0:
         holdout = int(cfg.data.eval_holdout) if cfg.data.eval_holdout >= 1 else cfg.data.eval_holdout
         train_set, eval_set = train_set.split_holdout(holdout, seed=cfg.data.seed)
-    train_loader = build_train_loader(train_set, rank=rank, world_size=world,
-                                      micro_batch_size=cfg.data.micro_batch_size,
-                                      seed=cfg.data.seed, group_by_length=cfg.data.group_by_length,
-                                      num_workers=cfg.data.num_workers)
+    return train_set, eval_set
+
+
+def run_train_loader(cfg: RunConfig, train_set: PrealignedDataset, *, rank: int, world_size: int) -> TrainLoader:
+    return build_train_loader(train_set, rank=rank, world_size=world_size,
+                              micro_batch_size=cfg.data.micro_batch_size,
+                              seed=cfg.data.seed, group_by_length=cfg.data.group_by_length,
+                              num_workers=cfg.data.num_workers)
+
+
+def setup_run(cfg: RunConfig) -> Setup:
+    """Everything ``loop.train`` needs; collective (call on every rank)."""
+    rank, world = init_distributed(cfg.engine.dist_backend, skip_cpu_shm_op=cfg.engine.skip_cpu_shm_op)
+    output_dir = Path(cfg.output_dir)
+    student_tokenizer = load_tokenizer(cfg.student.tokenizer_path, key=tokenizer_key(cfg.student, "student"))
+    teacher_tokenizer = None
+    if uses_teacher_tokenizer(cfg):
+        teacher_tokenizer = load_tokenizer(cfg.teacher.tokenizer_path, key=tokenizer_key(cfg.teacher, "teacher"))
+    train_set, eval_set = open_run_data(cfg, student_tokenizer, teacher_tokenizer)
+    train_loader = run_train_loader(cfg, train_set, rank=rank, world_size=world)
     eval_loader = None
     if eval_set is not None:
         eval_loader = build_train_loader(eval_set, rank=rank, world_size=world,

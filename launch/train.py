@@ -1,13 +1,20 @@
 #!/usr/bin/env python
 """Distil a teacher into a student on DeepSpeed (ZeRO-3), from a run config plus dotted overrides.
 
-    deepspeed --num_gpus 8 launch/train.py --config configs/runs/dolly_qwen1.5-1.8b_to_gpt2-120m.yaml
+    deepspeed --num_gpus 8 launch/train.py --config configs/runs/dolly_qwen1.5-1.8b_to_gpt2-120m_dskd_eta.yaml
     torchrun --nproc_per_node 2 launch/train.py --config configs/tests/tiny_dskd_eta.yaml data.train_dir=DIR
     python launch/train.py --config configs/tests/tiny_sft.yaml output_dir=runs/x     (one process)
-    python launch/train.py --config CFG --dry-run      (resolved run config, DS config, memory estimate; exit)
+    python launch/train.py --config CFG --dry-run --world-size 16 --nodes 2    (pre-flight check, plan, memory)
+
+Relative paths in the config and in overrides are resolved against the current working directory.
 
 On CPU: `deepspeed --num_gpus 2 launch/train.py ...` (gloo). Exit status: 0 done, 2 bad config/data,
-75 checkpointed after SIGTERM/SIGUSR1 (requeue me).
+3 training diverged (optim.max_consecutive_skipped_steps skipped steps in a row; nothing exported),
+75 requeue me: checkpointed after SIGTERM/SIGUSR1, or a checkpoint could not be written for lack of space or
+an I/O error (`latest` still names the previous complete one; 1 for other write errors, e.g. permissions).
+Each failure is one line on stderr; with DSKD_EXIT_DIR set (the launch/ wrappers set it) the line and status
+also go to DSKD_EXIT_DIR/rank<N>, so a wrapper whose launcher (torchrun, deepspeed, mpiexec) reports only
+"a child failed" can end with that line and status.
 """
 
 from __future__ import annotations
@@ -29,24 +36,61 @@ from dskd_scale.config.loader import ConfigError, config_to_dict, load_config  #
 from dskd_scale.config.run import RunConfig  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_REQUEUE = 75  # = dskd_scale.engine.signals.EXIT_REQUEUE (not imported here: it pulls in deepspeed)
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def fail(status: int, message: str, *, report: bool = True) -> int:
+    """Print ``message`` (one line) and leave it for the launch wrapper in ``$DSKD_EXIT_DIR``; returns ``status``."""
+    if not report:
+        return status
+    print(message, file=sys.stderr)
+    exit_dir = os.environ.get("DSKD_EXIT_DIR")
+    if exit_dir:
+        rank = next((os.environ[var] for var in _RANK_VARS if var in os.environ), "0")
+        try:
+            os.makedirs(exit_dir, exist_ok=True)
+            with open(os.path.join(exit_dir, f"rank{rank}"), "w") as handle:
+                handle.write(f"{status}\n{message}\n")
+        except OSError:
+            pass  # the message is on stderr already; a full or read-only disk must not hide it
+    return status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run YAML (configs/runs/*.yaml)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved run config, the DeepSpeed config and a per-rank memory estimate")
+                        help="pre-flight check without GPUs: open the tokenizers, model configs and shards (paths, "
+                             "fingerprints), then print the resolved config, DeepSpeed configs, global batch, steps "
+                             "and a per-rank memory estimate; exit 2 listing every problem")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="--dry-run: total ranks to plan for (default: $WORLD_SIZE, else 1)")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="--dry-run: nodes the ranks are spread over (default: WORLD_SIZE / $LOCAL_WORLD_SIZE, "
+                             "else 1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. kd.temperature=2.0")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    if not args.dry_run and (args.world_size is not None or args.nodes is not None):
+        parser.error("--world-size/--nodes plan a --dry-run; a real run takes its ranks from the launcher")
+    return args
 
 
-def dry_run(cfg: RunConfig) -> int:
+def dry_run(cfg: RunConfig, world_size: int | None, nodes: int | None) -> int:
     import yaml
 
-    from dskd_scale.engine.dry_run import describe_run
+    from dskd_scale.engine.dry_run import DryRunError, describe_run
 
-    report = describe_run(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if nodes is None:
+        nodes = max(world_size // int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))), 1)
+    try:
+        report = describe_run(cfg, world_size=world_size, nodes=nodes)
+    except DryRunError as err:
+        print(err, file=sys.stderr)
+        return EXIT_BAD_INPUT
     print("# resolved run config")
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     print("# DeepSpeed config (student engine)")
@@ -56,6 +100,11 @@ def dry_run(cfg: RunConfig) -> int:
         print(json.dumps(report["teacher_ds_config"], indent=2))
     print("# per-rank model-state memory (DeepSpeed ZeRO-3 estimator)")
     print(json.dumps(report["memory"], indent=2))
+    print("# plan")
+    print(json.dumps(report["plan"], indent=2))
+    plan = report["plan"]
+    print(f"dry run OK: {world_size} ranks on {nodes} node(s), global batch {plan['global_batch_size']}, "
+          f"{plan['steps_per_epoch']} steps per epoch, {plan['total_steps']} steps in total")
     return 0
 
 
@@ -66,24 +115,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(RunConfig, args.config, args.overrides)
     except ConfigError as err:
-        print(err, file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(EXIT_BAD_INPUT, str(err))
     if args.dry_run:
-        return dry_run(cfg)
+        return dry_run(cfg, args.world_size, args.nodes)
 
     from dskd_scale.data.dataset import DataError
+    from dskd_scale.engine.checkpoint import CheckpointWriteError
     from dskd_scale.engine.distributed import shutdown
     from dskd_scale.engine.ds_config import DeepSpeedConfigError
-    from dskd_scale.loop import train
+    from dskd_scale.loop import TrainingDiverged, train
     from dskd_scale.models.build import ModelBuildError
     from dskd_scale.train_setup import setup_run
 
     try:
         setup = setup_run(cfg)
     except (DataError, DeepSpeedConfigError, ModelBuildError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    status = train(setup)
+        return fail(EXIT_BAD_INPUT, f"error: {err}")
+    try:
+        status = train(setup)
+    except TrainingDiverged as err:  # decided on every rank: rank 0 reports
+        shutdown()
+        return fail(EXIT_DIVERGED, f"error: {err}", report=setup.rank == 0)
+    except CheckpointWriteError as err:  # the rank that failed reports; the others may be stuck: no shutdown
+        return fail(EXIT_REQUEUE if err.resumable else 1, f"error: {err}", report=err.reporter)
     shutdown()
     return status
 

@@ -103,6 +103,7 @@ class _Builder:
         self.source = source
         self.override_keys = override_keys
         self.problems: list[str] = []
+        self.failed: set[str] = set()  # dotted paths of fields whose value could not be converted
 
     def where(self, path: str) -> str:
         if path in self.override_keys:
@@ -126,7 +127,6 @@ class _Builder:
                 hint = f"; did you mean '{suggestion[0]}'?" if suggestion else f"; known keys: {', '.join(fields)}"
                 self.error(_join(path, key), f"unknown key{hint}")
         kwargs = {}
-        failed = False
         for name, field in fields.items():
             field_path = _join(path, name)
             if name in data:
@@ -138,11 +138,11 @@ class _Builder:
             else:
                 value = self.error(field_path, "required, but not set")
             if value is _MISSING:
-                failed = True
+                # Already reported. Build the rest with this field's default so that validate() still reports
+                # the range checks of every other field in the same error list (not in a second run).
+                self.failed.add(field_path)
             else:
                 kwargs[name] = value
-        if failed:  # already reported; validating a half-built section would only add noise
-            return _MISSING
         try:
             instance = cls(**kwargs)
         except TypeError as err:  # a required field already reported above
@@ -153,8 +153,15 @@ class _Builder:
         if callable(validate):
             for message in validate():
                 field, sep, rest = message.partition(" ")
+                key = _join(path, field.split("=", 1)[0])
+                if self._under_failed(key):  # a check of the stand-in default, not of what the user wrote
+                    continue
                 self.problems.append(f"{self.where(_join(path, field))} {rest}" if sep else message)
         return instance
+
+    def _under_failed(self, key: str) -> bool:
+        """Whether ``key`` is, contains or lies inside a field that failed to convert."""
+        return any(key == bad or key.startswith(f"{bad}.") or bad.startswith(f"{key}.") for bad in self.failed)
 
     def convert(self, annotation: Any, value: Any, path: str) -> Any:
         origin = typing.get_origin(annotation)
@@ -165,14 +172,14 @@ class _Builder:
             if value is None and type(None) in args:
                 return None
             candidates = [a for a in args if a is not type(None)]
-            saved = list(self.problems)
+            saved, saved_failed = list(self.problems), set(self.failed)
             for candidate in candidates:
                 self.problems = []
                 converted = self.convert(candidate, value, path)
                 if not self.problems:
-                    self.problems = saved
+                    self.problems, self.failed = saved, saved_failed
                     return converted
-            self.problems = saved
+            self.problems, self.failed = saved, saved_failed
             names = " or ".join(_type_name(a) for a in args)
             return self.error(path, f"expected {names}, got {value!r}")
         if origin is typing.Literal:

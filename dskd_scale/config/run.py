@@ -22,6 +22,7 @@ ARCHITECTURES = ("llama", "gpt2", "qwen2", "mistral")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 SCHEDULES = ("cosine", "linear", "constant")
+PLACEMENTS = ("zero3", "replicated")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +63,9 @@ class ModelConfig:
     init_seed: int = 0
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Teacher only. "zero3": a frozen DeepSpeed engine at engine.zero_stage (partitioned under ZeRO-3, weights
+    # gathered every forward). "replicated": a full frozen copy on every rank, no DeepSpeed (no per-step gathers).
+    placement: str = "zero3"
 
     @property
     def tokenizer_path(self) -> str:
@@ -83,6 +87,11 @@ class ModelConfig:
             problems.append(f"{prefix}.hidden_size ({self.hidden_size}) must be divisible by "
                             f"{prefix}.num_heads ({self.num_heads})")
         problems += [p.replace("lora.", f"{prefix}.lora.", 1) for p in self.lora.problems()]
+        if self.placement not in PLACEMENTS:
+            problems.append(f"{prefix}.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        elif self.placement == "replicated" and prefix != "teacher":
+            problems.append(f"{prefix}.placement=replicated is for the frozen teacher only; the trained {prefix} "
+                            f"is always a ZeRO engine (remove {prefix}.placement)")
         return problems
 
 
@@ -113,7 +122,7 @@ class DataConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KDConfig:
-    """Which criterion, and its knobs (``dskd_anchor.md`` §1, §7)."""
+    """Which criterion, and its knobs (the README's criterion table says which one fits a model pair)."""
 
     criterion: str = "dskd"
     alpha: float = 0.5
@@ -127,6 +136,11 @@ class KDConfig:
     projector_init_file: str = ""
     # "pinv": closed-form s2t map rebuilt each step; "learned": a trainable linear map.
     s2t_map: str = "pinv"
+    # DSKD v2: which KD terms enter the loss ("student": kd_t2s + ce_t2s, "teacher": kd_s2t; the paper's ablation).
+    spaces: str = "both"
+    # DSKD v2 denominators: "global" token means (invariant to the rank x micro-batch split) or "official":
+    # the official code's per-micro-batch local counts of agreeing/mapped rows (design.md Contract 3).
+    normalization: str = "global"
     chunk_size: int = 1024
     # MinED vocabulary map (tools/build_mined_map.py output), for kd.criterion=mined.
     mined_map: str = ""
@@ -147,6 +161,12 @@ class KDConfig:
             problems.append("kd.projector_init_file is empty but kd.projector_init is 'file'")
         if self.s2t_map not in ("pinv", "learned"):
             problems.append(f"kd.s2t_map must be pinv or learned, got {self.s2t_map!r}")
+        if self.spaces not in ("both", "student", "teacher"):
+            problems.append(f"kd.spaces must be both, student or teacher, got {self.spaces!r}")
+        if self.normalization not in ("global", "official"):
+            problems.append(f"kd.normalization must be global or official, got {self.normalization!r}")
+        if (self.spaces, self.normalization) != ("both", "global") and self.criterion not in DSKD_V2_CRITERIA:
+            problems.append(f"kd.spaces and kd.normalization apply to dskd/dskd_eta only, not {self.criterion!r}")
         if self.chunk_size <= 0:
             problems.append(f"kd.chunk_size must be > 0, got {self.chunk_size}")
         if self.criterion == "mined" and not self.mined_map:
@@ -171,6 +191,9 @@ class OptimConfig:
     grad_accum: int = 1
     max_steps: int = 0
     epochs: int = 1
+    # Stop with an error (exit 3) after this many optimizer steps in a row were skipped for non-finite
+    # gradients (a diverged run); 0 never stops. fp16 loss scaling skips a few steps at the start by design.
+    max_consecutive_skipped_steps: int = 50
 
     def problems(self) -> list[str]:
         problems = []
@@ -186,6 +209,9 @@ class OptimConfig:
             problems.append(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
         if self.grad_clip < 0:
             problems.append(f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.max_consecutive_skipped_steps < 0:
+            problems.append("optim.max_consecutive_skipped_steps must be >= 0 (0: never stop), got "
+                            f"{self.max_consecutive_skipped_steps}")
         return problems
 
 
@@ -282,10 +308,15 @@ class RunConfig:
             problems += self.teacher.problems("teacher")
             if self.teacher.lora.enabled:
                 problems.append("teacher.lora.enabled must be false: the teacher is frozen")
+            if self.teacher.placement == "replicated" and self.engine.teacher_offload_param != "none":
+                problems.append(f"engine.teacher_offload_param={self.engine.teacher_offload_param} offloads a ZeRO-3 "
+                                "teacher's partition, but teacher.placement=replicated keeps a full copy on every "
+                                "rank's device: set one of them back")
         if not self.output_dir:
             problems.append("output_dir is empty: set output_dir (checkpoints, logs and exports go there)")
         if self.engine.precision == "fp16" and self.kd.criterion in PROJECTOR_CRITERIA:
-            problems.append("engine.precision=fp16 with DSKD overflows (dskd_anchor.md, DSKD #15): use bf16")
+            problems.append("engine.precision=fp16 with DSKD overflows (NaN losses; issue #15 of the official DSKD "
+                            "repository): use bf16")
         if self.optim.warmup_steps and self.optim.max_steps and self.optim.warmup_steps > self.optim.max_steps:
             problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds optim.max_steps "
                             f"({self.optim.max_steps})")

@@ -99,3 +99,34 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(Run, tmp_path / "resolved.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text()) == config_to_dict(cfg)
+
+
+def test_type_errors_and_range_checks_of_one_section_come_in_one_list():
+    # kd.alpha is out of range and kd.divergence has a bad type in the same section: both in one error
+    with pytest.raises(ConfigError) as info:
+        build_config(Run, {"train": {"lr": 1.0}, "kd": {"alpha": 1.5, "divergence": 3, "temperature": "hot"}})
+    problems = info.value.problems
+    assert any(p.startswith("kd.alpha must be in [0, 1], got 1.5") for p in problems), problems
+    assert any(p.startswith("kd.divergence: must be one of") for p in problems), problems
+    assert any(p.startswith("kd.temperature: expected a number, got 'hot'") for p in problems), problems
+    # the failed temperature is not range-checked again through its stand-in default
+    assert len(problems) == 3, problems
+
+
+def test_run_config_reports_type_errors_and_validate_problems_together():
+    from dskd_scale.config.run import RunConfig
+
+    with pytest.raises(ConfigError) as info:
+        build_config(RunConfig, {"student": {"architecture": "gpt2", "tokenizer": "tok"},
+                                 "teacher": {"architecture": "llama", "tokenizer": "tok"},
+                                 "data": {"train_dir": "d"}},
+                     ["kd.temperature=abc", "kd.alpha=2", "optim.grad_accum=0", "data.micro_batch_size=x",
+                      "engine.precision=fp16"])
+    text = "\n".join(info.value.problems)
+    assert "kd.temperature (command line): expected a number, got 'abc'" in text
+    assert "data.micro_batch_size (command line): expected an integer, got 'x'" in text
+    assert "kd.alpha (command line) must be in [0, 1], got 2.0" in text
+    assert "optim.grad_accum (command line) must be > 0, got 0" in text
+    assert "engine.precision=fp16 with DSKD overflows" in text  # a cross-section check of the root
+    assert "temperature must be > 0" not in text and "micro_batch_size must be > 0" not in text
+    assert len(info.value.problems) == 5, info.value.problems

@@ -15,9 +15,9 @@ def demo(tmp_path_factory) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dskd_scale.config.run import ModelConfig
-    from dskd_scale.data.prealign import PrealignConfig, run_prealign
     from dskd_scale.demo import build_demo_assets
     from dskd_scale.models.build import random_model_config
+    from dskd_scale.prealign.pipeline import PrealignConfig, run_prealign
 
     root = tmp_path_factory.mktemp("engine_demo")
     paths = build_demo_assets(root / "assets", seed=7, train=48, valid=8, test=2)

@@ -136,12 +136,15 @@ def test_optimizer_groups_cover_each_parameter_once_and_never_decay_norms(archit
 
 
 def test_trainable_head_leaves_route_the_exact_gradient_to_the_parameter():
-    """Chunked uses of the head (several leaves) + a tied embedding use sum to the plain autograd gradient."""
+    """Chunked uses of the head (several leaves) + a tied embedding use sum to the plain autograd gradient.
+
+    In fp64: the two sides add the same per-chunk gradients in a different order, which is exact up to fp64 rounding.
+    """
     from dskd_scale.engine.heads import StudentHead
 
     torch.manual_seed(0)
-    head = torch.nn.Linear(6, 11, bias=False)
-    hidden = torch.randn(9, 6)
+    head = torch.nn.Linear(6, 11, bias=False, dtype=torch.float64)
+    hidden = torch.randn(9, 6, dtype=torch.float64)
     labels = torch.randint(0, 11, (9,))
     ids = torch.randint(0, 11, (4,))
 
@@ -182,22 +185,6 @@ def demo_tokenizers(tmp_path_factory):
     return build_demo_assets(tmp_path_factory.mktemp("tok") / "a", seed=3, train=24, valid=2, test=2)
 
 
-def test_dry_run_prints_resolved_config_ds_config_and_memory_estimate(demo_tokenizers):
-    result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "launch" / "train.py"), "--config", "configs/tests/tiny_dskd_eta.yaml",
-         "--dry-run", f"teacher.tokenizer={demo_tokenizers['teacher_tokenizer']}",
-         f"student.tokenizer={demo_tokenizers['student_tokenizer']}", "optim.grad_accum=3"],
-        cwd=PROJECT_ROOT, env=run_env(), capture_output=True, text=True, timeout=180)
-    check(result)
-    out = result.stdout
-    assert "# resolved run config" in out and "criterion: dskd_eta" in out and "grad_accum: 3" in out
-    assert '"gradient_accumulation_steps": 3' in out and '"stage": 3' in out
-    memory = json.loads(out.split("# per-rank model-state memory (DeepSpeed ZeRO-3 estimator)")[1])
-    assert memory["student_params"] > 0 and memory["teacher_params"] > memory["student_params"]
-    assert memory["projector_params"] == 32 * 48
-    assert memory["trained_engine"]["accelerator_bytes_per_rank"] > 0
-
-
 def test_mismatched_tokenizer_fingerprint_is_refused(demo):
     """Shards prealigned for the demo teacher tokenizer, run configured with the student tokenizer as teacher."""
     result = subprocess.run(
@@ -227,7 +214,7 @@ def test_sft_single_process_trains_and_checkpoints(demo, tmp_path):
 def test_lora_student_with_gradient_checkpointing_trains_and_exports_merged(demo, tmp_path):
     """peft LoRA on the GPT-2 student under ZeRO-3 (frozen head: gradient to its input only); the export folds the
     adapters into plain weights that reproduce the live model's logits."""
-    from engine_helpers import demo_overrides, launch, metrics
+    from engine_helpers import demo_overrides, launch, logits_tolerance, metrics
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
@@ -240,8 +227,9 @@ def test_lora_student_with_gradient_checkpointing_trains_and_exports_merged(demo
     probe = torch.load(out / "export" / "probe.pt")
     model = AutoModelForCausalLM.from_pretrained(out / "export").eval()
     assert not any("lora" in name for name, _ in model.named_parameters())
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=probe["input_ids"]).logits, probe["logits"], rtol=0, atol=1e-5)
+    with torch.no_grad():  # merged weights vs adapters: the same maths summed in another order
+        torch.testing.assert_close(model(input_ids=probe["input_ids"]).logits, probe["logits"],
+                                   **logits_tolerance(model.config, probe["logits"]))
     base = AutoModelForCausalLM.from_pretrained(demo["student"]).eval()
     with torch.no_grad():  # the adapters did change the model
         assert not torch.allclose(base(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4)

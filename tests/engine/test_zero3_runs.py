@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import PROJECT_ROOT, check, demo_overrides, launch, metrics, start_rank
+from engine_helpers import PROJECT_ROOT, check, demo_overrides, launch, logits_tolerance, metrics, start_rank
 
 ETA_CONFIG = "configs/tests/tiny_dskd_eta.yaml"
 DSKD_CONFIG = "configs/tests/tiny_dskd.yaml"
@@ -32,6 +32,13 @@ def _reload_logits(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         return model(input_ids=probe["input_ids"]).logits.float(), probe["logits"]
+
+
+def _same_weights_tolerance(folder: Path, logits: torch.Tensor) -> dict[str, float]:
+    """The live run (2 ranks, one thread each) and this process may sum in another order; nothing else differs."""
+    from transformers import AutoConfig
+
+    return logits_tolerance(AutoConfig.from_pretrained(folder), logits)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,7 @@ def test_dskd_eta_zero3_trains_exports_and_keeps_teacher_frozen(eta_run):
     assert ds_config["zero_optimization"]["stage"] == 3 and ds_config["gradient_accumulation_steps"] == 2
     # In-run export reloads with identical logits; projectors saved separately.
     reloaded, live = _reload_logits(eta_run / "export")
-    torch.testing.assert_close(reloaded, live, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reloaded, live, **_same_weights_tolerance(eta_run / "export", live))
     from safetensors.torch import load_file
 
     projectors = load_file(eta_run / "export" / "projectors.safetensors")
@@ -84,8 +91,8 @@ def test_offline_export_of_checkpoint_matches_in_run_export(eta_run, tmp_path):
     check(result)
     reloaded, offline_probe = _reload_logits(out)
     _, live = _reload_logits(eta_run / "export")
-    torch.testing.assert_close(reloaded, live, rtol=0, atol=1e-5)
-    torch.testing.assert_close(offline_probe, live, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reloaded, live, **_same_weights_tolerance(out, live))
+    torch.testing.assert_close(offline_probe, live, **_same_weights_tolerance(out, live))
 
 
 def test_signal_on_one_rank_checkpoints_all_then_resume_matches_uninterrupted(demo, eta_run, tmp_path):
@@ -154,7 +161,7 @@ def test_dskd_same_vocab_zero3_equals_zero0(demo, tmp_path):
 @pytest.mark.assets
 def test_dskd_eta_real_vocabularies_llama2_to_gpt2(asset, tmp_path):
     """The shared tiny Llama-2 teacher (32000 tokens) -> tiny GPT-2 student (50257 tokens) on real Dolly rows."""
-    from dskd_scale.data.prealign import PrealignConfig, run_prealign
+    from dskd_scale.prealign.pipeline import PrealignConfig, run_prealign
 
     teacher, student = asset("models/llama-2-tiny-random-hf"), asset("models/tiny-gpt2")
     teacher_tok, student_tok = asset("tokenizers/llama2"), asset("tokenizers/gpt2")
