@@ -12,11 +12,13 @@ export PYTHONUNBUFFERED := 1
 
 install: $(STAMP)
 
-# torch is pinned in the same pip call as deepspeed (requirements.txt), so pip never pulls a CUDA build.
+# One pip call for the runtime, test/lint and MPI requirements (setup.py's install_requires and its [dev] and [mpi]
+# extras): torch is pinned in the same call as deepspeed (requirements.txt), so pip never pulls a CUDA build.
 # The last step builds DeepSpeed's CPU shared-memory comm op once, so no run pays its ~30 s JIT later.
-$(STAMP): requirements.txt setup.py
+REQUIREMENTS := requirements.txt requirements-dev.txt requirements-mpi.txt
+$(STAMP): $(REQUIREMENTS) setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q $(addprefix -r ,$(REQUIREMENTS))
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)

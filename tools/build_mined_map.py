@@ -27,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def bad_input(message: str) -> int:
+    """Exit status 2 with one line on stderr, like every tool."""
+    print(f"build_mined_map.py: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from transformers import AutoTokenizer
@@ -37,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizers = {}
     for role, folder in (("teacher", args.teacher_tokenizer), ("student", args.student_tokenizer)):
         if not os.path.isdir(folder):
-            print(f"error: --{role}-tokenizer {folder!r} is not a folder", file=sys.stderr)
-            return 2
-        tokenizers[role] = AutoTokenizer.from_pretrained(folder)
+            return bad_input(f"--{role}-tokenizer {folder!r} is not a folder")
+        try:
+            tokenizers[role] = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            return bad_input(f"--{role}-tokenizer {folder!r}: not a Hugging Face tokenizer folder ({err})")
     start, start_cpu = time.perf_counter(), time.process_time()
     mined = build_mined_map(tokenizers["teacher"], tokenizers["student"])
     # CPU time next to wall time: on a shared machine the wall clock says more about the neighbours.
@@ -51,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         metadata[f"{role}_len"] = str(len(tokenizer))
     metadata["build_seconds"] = f"{seconds:.1f}"
     metadata["build_cpu_seconds"] = f"{cpu_seconds:.1f}"
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    save_mined_map(args.out, mined, metadata)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        save_mined_map(args.out, mined, metadata)
+    except OSError as err:
+        return bad_input(f"cannot write --out {args.out}: {err}")
     distance = mined.teacher_distance
     mapped = distance >= 0
     histogram = np.bincount(distance[mapped], minlength=4)

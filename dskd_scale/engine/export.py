@@ -119,8 +119,16 @@ def export_student(engines, out_dir: Path) -> None:
     barrier()
 
 
-def export_from_checkpoint(tag_dir: Path, out_dir: Path) -> None:
-    """Offline, one process: ZeRO partitions -> fp32 state -> HF folder (student rebuilt from run_config.yaml)."""
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_from_checkpoint(tag_dir: Path, out_dir: Path, dtype: str | None = None) -> str:
+    """Offline, one process: ZeRO partitions -> fp32 state -> HF folder (student rebuilt from run_config.yaml).
+
+    ``dtype`` (``fp32`` | ``bf16`` | ``fp16``) is what the weights and projectors are saved in; None means the
+    run's ``engine.precision`` (what the in-run export writes too). The conversion rounds the fp32 master
+    weights once; the probe logits are those of the saved (rounded) model. Returns the dtype name used.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from dskd_scale.config.loader import load_config
@@ -129,6 +137,9 @@ def export_from_checkpoint(tag_dir: Path, out_dir: Path) -> None:
 
     tag_dir = Path(tag_dir)
     cfg = load_config(RunConfig, tag_dir / "run_config.yaml")
+    dtype = dtype or cfg.engine.precision
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     wrapper_state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     student_state, projector_state = split_state_dict(wrapper_state)
     tokenizer = load_tokenizer(cfg.student.tokenizer_path, key="student.tokenizer")
@@ -140,8 +151,12 @@ def export_from_checkpoint(tag_dir: Path, out_dir: Path) -> None:
     if set(missing) - tied or unexpected:
         raise ValueError(f"{tag_dir}: checkpoint does not match the student config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    model.eval()
+    torch_dtype = EXPORT_DTYPES[dtype]
+    model = model.to(torch_dtype).eval()
+    projector_state = {key: value.to(torch_dtype) if value.is_floating_point() else value
+                       for key, value in projector_state.items()}
     ids = probe_ids(tokenizer)
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     write_export(model, tokenizer, model.state_dict(), projector_state, out_dir, {"input_ids": ids, "logits": logits})
+    return dtype

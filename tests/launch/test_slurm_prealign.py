@@ -29,7 +29,7 @@ def test_two_rank_prealign_equals_single_process_and_resumes(
 ) -> None:
     out = tmp_path / "prealigned"
     text = run_prealign(slurm_cluster, demo_data, out, tmp_path / "first.out")
-    # Rank r of W builds shards r, r+W, ... (dskd_scale/data/prealign.py): rank 0 of 2 owns shards 0 and 2 only,
+    # Rank r of W builds shards r, r+W, ... (dskd_scale/prealign/pipeline.py): rank 0 of 2 owns shards 0 and 2 only,
     # which a lone rank (MPI not wired through srun) would not.
     assert "rank 0 wrote shard-00000.parquet" in text and "rank 0 wrote shard-00002.parquet" in text, text
     assert "rank 0 wrote shard-00001.parquet" not in text and "rank 0 wrote shard-00003.parquet" not in text, text
