@@ -53,42 +53,56 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model_and_tokenizer(model_dir: str | Path, *, tokenizer_dir: str | Path | None = None, dtype: str = "auto",
                              device: str = "auto", context: DistContext | None = None):
-    """(model in eval mode on its device, tokenizer with a pad token, notes) for a local HF model folder.
+    """(model in eval mode on its device, tokenizer with a pad token, notes) for a Hugging Face model folder or a
+    Hub id (``utils.hub``: through the local Hub cache when offline).
 
     The tokenizer is read from ``tokenizer_dir`` when given, else from the model folder.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dskd_scale.utils.hub import is_hub_id, load_pretrained
+
+    model_name = str(model_dir)
+    from_hub = is_hub_id(model_name)
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    if not from_hub:
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder not found: {model_dir}")
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
     context = context or DistContext(0, 1, 0)
     torch_device = resolve_device(device, context)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir
-    # Checked up front: given a folder without tokenizer files, AutoTokenizer may fall back to a cached tokenizer of
-    # the same model type, and the evaluation would silently use the wrong vocabulary.
-    if not any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer_dir}; "
-            "give the tokenizer folder with --tokenizer (config key 'tokenizer')"
-        )
+    tokenizer_name = str(tokenizer_dir) if tokenizer_dir else model_name
+    if not is_hub_id(tokenizer_name):
+        tokenizer_path = Path(tokenizer_name)
+        # Checked up front: given a folder without tokenizer files, AutoTokenizer may fall back to a cached tokenizer
+        # of the same model type, and the evaluation would silently use the wrong vocabulary.
+        if not any((tokenizer_path / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer_path}; "
+                "give the tokenizer folder with --tokenizer (config key 'tokenizer')"
+            )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, tokenizer_name, key="tokenizer", what="tokenizer",
+                                    error_type=FileNotFoundError)
+    except FileNotFoundError:
+        raise  # load_pretrained's own message (a Hub id that could not be had) says what to do
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
-            f"cannot load a tokenizer from {tokenizer_dir} ({type(err).__name__}: {str(err)[:200]}); "
+            f"cannot load a tokenizer from {tokenizer_name} ({type(err).__name__}: {str(err)[:200]}); "
             "give the tokenizer folder with --tokenizer (config key 'tokenizer')"
         ) from err
     pad_note = ensure_pad_token(tokenizer)
     if pad_note != "kept":
-        log.info("tokenizer of %s has no pad token: %s", model_dir, pad_note)
+        log.info("tokenizer of %s has no pad token: %s", model_name, pad_note)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        model = load_pretrained(AutoModelForCausalLM.from_pretrained, model_name, key="model", what="model",
+                                error_type=FileNotFoundError, dtype=torch_dtype)
+    except FileNotFoundError:
+        raise
     except OSError as err:
-        raise FileNotFoundError(f"cannot load model weights from {model_dir}: {str(err)[:300]}") from err
+        raise FileNotFoundError(f"cannot load model weights from {model_name}: {str(err)[:300]}") from err
     model = model.to(torch_device).eval()
     notes = {"pad_token": pad_note, "dtype": str(torch_dtype).removeprefix("torch."), "device": str(torch_device)}
     return model, tokenizer, notes
