@@ -51,8 +51,13 @@ fi
 # shellcheck source=launch/rank_exit.sh
 source "$ROOT/launch/rank_exit.sh"
 rank_exit_init
-echo "[run_deepspeed.sh] ${launcher[*]} $TRAIN_SCRIPT --config $CONFIG $*"
+exit_flag=()
+if [ -n "${HOSTFILE:-}" ] && [ -z "${NODE_RANK:-}" ] && [ "$TRAIN_SCRIPT" = "$ROOT/launch/train.py" ]; then
+  # pdsh/ssh: environment variables do not reach the ranks, so node 0's ranks get the folder as a flag
+  exit_flag=(--exit-dir "$DSKD_EXIT_DIR")
+fi
+echo "[run_deepspeed.sh] ${launcher[*]} $TRAIN_SCRIPT ${exit_flag[*]} --config $CONFIG $*"
 rc=0
-"${launcher[@]}" "$TRAIN_SCRIPT" --config "$CONFIG" "$@" || rc=$?
+"${launcher[@]}" "$TRAIN_SCRIPT" "${exit_flag[@]}" --config "$CONFIG" "$@" || rc=$?
 rank_exit_status run_deepspeed.sh "$rc"
 exit "$RANK_EXIT_STATUS"

@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="--dry-run: nodes the ranks are spread over (default: WORLD_SIZE / $LOCAL_WORLD_SIZE, "
                              "else 1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # Set by launch/run_deepspeed.sh where environment variables do not reach the ranks (pdsh over ssh).
+    parser.add_argument("--exit-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. kd.temperature=2.0")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if not args.dry_run and (args.world_size is not None or args.nodes is not None):
@@ -110,6 +112,8 @@ def dry_run(cfg: RunConfig, world_size: int | None, nodes: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.exit_dir:
+        os.environ["DSKD_EXIT_DIR"] = args.exit_dir
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:

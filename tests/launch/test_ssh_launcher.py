@@ -148,3 +148,11 @@ def test_run_deepspeed_pdsh_over_ssh_two_nodes(local_ssh: LocalSsh, demo_data: D
     final = out / "checkpoints" / f"step_{STEPS:08d}"
     assert (final / "COMPLETE").is_file()
     assert len(list(final.glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+
+    # Bad input over pdsh: the wrapper ends with rank 0's one-line error and its exit status 2, not the launcher's.
+    bad = subprocess.run([str(ROOT / "launch/run_deepspeed.sh"), str(TINY_CONFIG),
+                          *train_overrides(demo_data, tmp_path / "bad", steps=STEPS), "kd.alpha=5"], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stdout[-4000:]
+    summary = bad.stdout[bad.stdout.rfind("[run_deepspeed.sh] rank 0 failed (exit 2)"):]
+    assert summary.startswith("[run_deepspeed.sh] rank 0 failed") and "kd.alpha" in summary, bad.stdout[-3000:]
