@@ -2,10 +2,13 @@
 """Generate the demo's data and tokenizers (no downloads, a few seconds).
 
     python tools/make_demo_assets.py --out DIR [--seed 1234] [--train 3000 --valid 200 --test 200]
+                                     [--student-train 500 --label-noise 0.4]
 
 Writes DIR/{train,valid,test}.jsonl (Dolly layout: instruction, input, prompt, output; templated tasks with
-one correct answer), DIR/teacher_tokenizer/ (byte-level BPE) and DIR/student_tokenizer/ (SentencePiece
-Llama-style BPE with byte fallback), both loadable offline with AutoTokenizer.from_pretrained(dir).
+one correct answer; clean), DIR/student_train.jsonl (small, a fraction --label-noise of its answers wrong in the
+way a hurried annotator gets them wrong; 0 rows: not written), DIR/teacher_tokenizer/ (byte-level BPE) and
+DIR/student_tokenizer/ (SentencePiece Llama-style BPE with byte fallback), both loadable offline
+with AutoTokenizer.from_pretrained(dir).
 """
 
 from __future__ import annotations
@@ -28,11 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=3000, help="training examples")
     parser.add_argument("--valid", type=int, default=200, help="validation examples")
     parser.add_argument("--test", type=int, default=200, help="test examples")
+    parser.add_argument("--student-train", type=int, default=500, help="examples of the student's own small set")
+    parser.add_argument("--label-noise", type=float, default=0.4, help="fraction of wrong answers in that set")
     args = parser.parse_args(argv)
     for name in ("train", "valid", "test"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    paths = build_demo_assets(args.out, seed=args.seed, train=args.train, valid=args.valid, test=args.test)
+    if args.student_train < 0:
+        parser.error("--student-train must be >= 0")
+    if not 0.0 <= args.label_noise < 1.0:
+        parser.error(f"--label-noise must be in [0, 1), got {args.label_noise}")
+    try:
+        paths = build_demo_assets(args.out, seed=args.seed, train=args.train, valid=args.valid, test=args.test,
+                                  student_train=args.student_train, label_noise=args.label_noise)
+    except OSError as err:  # exit status 2 like every tool: bad input, one line, no traceback
+        print(f"make_demo_assets.py: error: cannot write --out {args.out}: {err}", file=sys.stderr)
+        return 2
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

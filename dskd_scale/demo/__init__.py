@@ -1,8 +1,8 @@
 """Demo assets generated on the spot: a learnable instruction dataset and two different tokenizers.
 
-``build_demo_assets(out_dir)`` writes ``train/valid/test.jsonl`` plus ``teacher_tokenizer/`` (byte-level BPE)
-and ``student_tokenizer/`` (Llama-style BPE with byte fallback), so ``make demo`` runs the cross-tokenizer path with
-no downloads.
+``build_demo_assets(out_dir)`` writes ``train/valid/test.jsonl`` (and, when asked, the small noisy
+``student_train.jsonl``) plus ``teacher_tokenizer/`` (byte-level BPE) and ``student_tokenizer/`` (Llama-style BPE
+with byte fallback), so ``make demo`` runs the cross-tokenizer path with no downloads.
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ __all__ = ["TASKS", "build_demo_assets", "make_demo_data", "train_student_tokeni
 
 
 def build_demo_assets(out_dir: str | Path, *, seed: int = 1234, train: int = 3000, valid: int = 200,
-                      test: int = 200) -> dict[str, Path]:
+                      test: int = 200, student_train: int = 0, label_noise: float = 0.0) -> dict[str, Path]:
     """Write the demo data and both tokenizers under ``out_dir``.
 
     Returns:
-        Paths keyed ``train``, ``valid``, ``test`` (jsonl files), ``teacher_tokenizer`` and
-        ``student_tokenizer`` (folders). Tokenizers are trained on the prompts and outputs of the train split.
+        Paths keyed ``train``, ``valid``, ``test`` (and ``student_train`` when ``student_train`` > 0; jsonl files),
+        ``teacher_tokenizer`` and ``student_tokenizer`` (folders). Tokenizers are trained on the prompts and outputs
+        of the (clean) train split.
     """
     out_dir = Path(out_dir)
-    paths = make_demo_data(out_dir, seed=seed, train=train, valid=valid, test=test)
+    paths = make_demo_data(out_dir, seed=seed, train=train, valid=valid, test=test, student_train=student_train,
+                           label_noise=label_noise)
     with open(paths["train"], encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]
     corpus = [row["prompt"] + row["output"] for row in rows]

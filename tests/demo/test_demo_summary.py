@@ -1,0 +1,49 @@
+"""tools/demo.py's seed-averaged table: means and sample standard deviations of the evaluated runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo_tool", ROOT / "tools" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(root: Path, name: str, rouge: float, exact: float, eval_ces: list[float]) -> tuple[Path, Path]:
+    from dskd_scale.eval.results import RESULTS_FORMAT, RESULTS_FORMAT_VERSION
+
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "metrics.jsonl", "w") as handle:
+        for step, ce in enumerate(eval_ces):
+            handle.write(json.dumps({"step": step, "train/ce": 9.0}) + "\n")
+            handle.write(json.dumps({"step": step, "eval/ce": ce}) + "\n")
+    results = root / f"{name}.json"
+    results.write_text(json.dumps({"format": RESULTS_FORMAT, "format_version": RESULTS_FORMAT_VERSION,
+                                   "suites": {"demo": {"metrics": {"rougeL": rouge, "exact_match": exact}}}}))
+    return results, run_dir
+
+
+def test_summary_averages_seeds_and_takes_the_last_eval_ce(tmp_path):
+    demo = load_demo()
+    a = fake_run(tmp_path, "a", 10.0, 0.0, [3.0, 2.0])
+    b = fake_run(tmp_path, "b", 14.0, 5.0, [2.5, 1.0])
+    t = fake_run(tmp_path, "t", 50.0, 20.0, [])
+    summary = demo.summarise({"student": [(10, *a), (20, *b)], "teacher": [(10, t[0], None)]})
+    student = summary["student"]
+    assert student["seeds"] == [10, 20]
+    assert student["rouge_l"] == pytest.approx(12.0)
+    assert student["rouge_l_std"] == pytest.approx(2.0 ** 1.5)  # sample std of (10, 14) = sqrt(8)
+    assert student["exact_match"] == pytest.approx(2.5)
+    assert student["eval_ce"] == pytest.approx(1.5)  # last logged eval/ce of each run: 2.0 and 1.0
+    teacher = summary["teacher"]
+    assert teacher["rouge_l"] == 50.0 and teacher["rouge_l_std"] == 0.0 and teacher["eval_ce"] is None
