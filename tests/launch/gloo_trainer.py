@@ -112,5 +112,17 @@ def main() -> int:
     return 0
 
 
+def _exit(status: int) -> None:
+    """Finalize MPI (if used) and leave without the interpreter's teardown: under mpiexec, gloo's and MPI's C++
+    destructors racing at exit aborted a finished rank ("terminate called without an active exception", signal 6)
+    about once in ten runs."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
