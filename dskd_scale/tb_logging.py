@@ -104,20 +104,32 @@ def coverage_histogram(data_dir: str | Path, bins: int = COVERAGE_BINS) -> dict[
             "examples_without_pairs": without_pairs}
 
 
+def histogram_raw(histogram: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Keyword arguments of ``SummaryWriter.add_histogram_raw`` for a coverage histogram (None when it is empty).
+
+    Only bin counts are known, so ``min``/``max`` are the outer edges of the non-empty bins and ``sum`` /
+    ``sum_squares`` use bin midpoints (what TensorBoard draws is the bins, which are exact).
+    """
+    edges, counts = histogram["bin_edges"], list(histogram["counts"])
+    filled = [k for k, count in enumerate(counts) if count]
+    if not filled:
+        return None
+    middles = [(edges[k] + edges[k + 1]) / 2 for k in range(len(counts))]
+    return {
+        "min": edges[filled[0]], "max": edges[filled[-1] + 1], "num": sum(counts),
+        "sum": sum(m * c for m, c in zip(middles, counts, strict=True)),
+        "sum_squares": sum(m * m * c for m, c in zip(middles, counts, strict=True)),
+        "bucket_limits": edges[1:], "bucket_counts": counts,
+    }
+
+
 def log_alignment_coverage(writer, data_dir: str | Path, step: int = 0) -> dict[str, Any]:
     """``data/alignment_coverage`` (histogram over examples), ``data/alignment_coverage_tokens`` (token-weighted)
     and ``data/examples_without_pairs`` of the training data; returns the histogram dict."""
     histogram = coverage_histogram(data_dir)
-    edges, counts = histogram["bin_edges"], histogram["counts"]
-    filled = [k for k, count in enumerate(counts) if count]
-    if filled:
-        # Only bin counts are known: min/max are the outer edges of the filled bins, sums use the bin middles.
-        middles = [(edges[k] + edges[k + 1]) / 2 for k in range(len(counts))]
-        writer.add_histogram_raw(
-            COVERAGE_TAG, min=edges[filled[0]], max=edges[filled[-1] + 1], num=sum(counts),
-            sum=sum(m * c for m, c in zip(middles, counts, strict=True)),
-            sum_squares=sum(m * m * c for m, c in zip(middles, counts, strict=True)),
-            bucket_limits=edges[1:], bucket_counts=counts, global_step=step)
+    raw = histogram_raw(histogram)
+    if raw is not None:
+        writer.add_histogram_raw(COVERAGE_TAG, global_step=step, **raw)
     writer.add_scalar(f"{COVERAGE_TAG}_tokens", histogram["coverage"], step)
     writer.add_scalar("data/examples_without_pairs", histogram["examples_without_pairs"], step)
     return histogram

@@ -4,7 +4,7 @@ worst examples.
 ``write_report`` stores the worst-aligned examples and the coverage histogram (``alignment_report.json``) and a
 picture of the histogram (``coverage_histogram.svg``) next to the manifest; ``render_report`` turns manifest + that
 file into text for a terminal, so ``tools/alignment_report.py`` needs neither the tokenizers nor the shards.
-``read_coverage_histogram`` / ``tensorboard_histogram`` give training what it needs to log the histogram.
+Training logs the same histogram to TensorBoard (``dskd_scale.tb_logging``).
 In the rendering, tokens are separated by ``·``, tokens without an exact counterpart on the other side are in
 ``[brackets]``, and newlines/tabs are shown as ``\\n``/``\\t``.
 """
@@ -31,33 +31,6 @@ def write_report(out_dir: Path, manifest: dict[str, Any], worst: list[dict[str, 
     atomic_write_bytes(path, canonical_json_bytes({"plan": manifest["plan"], "coverage_histogram": histogram,
                                                    "worst_examples": worst}))
     return path
-
-
-def read_coverage_histogram(out_dir: Path | str) -> dict[str, Any] | None:
-    """``{"bin_edges": [B+1 floats], "counts": [B ints], ...}`` of a prealigned folder (from its manifest, which
-    training reads anyway), or None for a folder written before the histogram existed."""
-    from dskd_scale.data.format import read_manifest
-
-    return read_manifest(out_dir)["stats"].get("coverage_histogram")
-
-
-def tensorboard_histogram(histogram: dict[str, Any]) -> dict[str, Any] | None:
-    """Keyword arguments of ``SummaryWriter.add_histogram_raw`` for a coverage histogram (None when it is empty).
-
-    Only bin counts are stored, so ``min``/``max`` are the outer edges of the non-empty bins and ``sum`` /
-    ``sum_squares`` use bin midpoints (what TensorBoard draws is the bins, which are exact).
-    """
-    edges, counts = histogram["bin_edges"], histogram["counts"]
-    filled = [k for k, count in enumerate(counts) if count]
-    if not filled:
-        return None
-    middles = [(edges[k] + edges[k + 1]) / 2 for k in range(len(counts))]
-    return {
-        "min": edges[filled[0]], "max": edges[filled[-1] + 1], "num": sum(counts),
-        "sum": sum(m * c for m, c in zip(middles, counts, strict=True)),
-        "sum_squares": sum(m * m * c for m, c in zip(middles, counts, strict=True)),
-        "bucket_limits": edges[1:], "bucket_counts": list(counts),
-    }
 
 
 def unused_fields_message(unused: dict[str, int]) -> str:

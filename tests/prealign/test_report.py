@@ -13,13 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dskd_scale.prealign.pipeline import PrealignConfig, run_prealign
-from dskd_scale.prealign.report import (
-    HISTOGRAM_FILE,
-    REPORT_FILE,
-    read_coverage_histogram,
-    render_report,
-    tensorboard_histogram,
-)
+from dskd_scale.prealign.report import HISTOGRAM_FILE, REPORT_FILE, render_report
+from dskd_scale.tb_logging import coverage_histogram, histogram_raw
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def test_histogram_counts_every_example_by_its_coverage_read_back_from_the_shard
             response_tokens = sum(label != -100 for label in labels)
             coverage = Fraction(len(pairs), response_tokens)  # exact, from the definition
             expected[min(math.floor(coverage * 20), 19)] += 1
-    histogram = read_coverage_histogram(out)
+    histogram = manifest["stats"]["coverage_histogram"]
     assert histogram["counts"] == expected.tolist() and sum(histogram["counts"]) == manifest["stats"]["examples"]
     assert histogram["bin_edges"][0] == 0.0 and histogram["bin_edges"][-1] == 1.0 and len(histogram["bin_edges"]) == 21
     assert len(set(np.flatnonzero(expected).tolist())) > 1  # the demo spreads over several bins: a real check
@@ -64,12 +59,12 @@ def test_the_picture_is_an_svg_bar_per_bin_and_the_text_report_shows_the_bins(pr
 
 def test_tensorboard_form_matches_the_counts_and_is_accepted_by_summary_writer(prealigned, tmp_path):
     out, _ = prealigned
-    histogram = read_coverage_histogram(out)
-    raw = tensorboard_histogram(histogram)
+    histogram = coverage_histogram(out)
+    raw = histogram_raw(histogram)
     assert raw["num"] == sum(histogram["counts"]) and raw["bucket_counts"] == histogram["counts"]
     assert raw["bucket_limits"] == histogram["bin_edges"][1:] and 0.0 <= raw["min"] < raw["max"] <= 1.0
-    assert tensorboard_histogram({"bin_edges": [0.0, 0.5, 1.0], "counts": [0, 0]}) is None
-    hand = tensorboard_histogram({"bin_edges": [0.0, 0.5, 1.0], "counts": [1, 3]})
+    assert histogram_raw({"bin_edges": [0.0, 0.5, 1.0], "counts": [0, 0]}) is None
+    hand = histogram_raw({"bin_edges": [0.0, 0.5, 1.0], "counts": [1, 3]})
     assert hand["min"] == 0.0 and hand["max"] == 1.0 and hand["sum"] == pytest.approx(0.25 + 3 * 0.75)
     assert hand["sum_squares"] == pytest.approx(0.0625 + 3 * 0.5625)
     from torch.utils.tensorboard import SummaryWriter
