@@ -47,17 +47,14 @@ class GenerateError(ValueError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateConfig:
-    """What to generate. ``chat_template``: ``model`` (the tokenizer's own template) or a Jinja file."""
+    """What to generate. ``prompt`` renders rows exactly as prealignment does; its ``chat_template`` ``student``
+    means the generating model's own template (there is one model here)."""
 
     model: str
     data: tuple[str, ...]
     out: str
     tokenizer: str = ""
-    prompt_field: str = "prompt"
-    template: str | None = None
-    chat_template: str | None = None
-    messages_field: str = "messages"
-    ignore_fields: tuple[str, ...] = ()
+    prompt: PromptFormat = PromptFormat()
     greedy: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -88,7 +85,7 @@ class GenerateConfig:
             problems.append("--samples-per-prompt > 1 needs sampling: greedy decoding repeats the same response")
         problems += [f"sampling: {problem}" for problem in self.sampling().validate()]
         try:
-            problems += [f"prompt format: {problem}" for problem in self.prompt_format().problems()]
+            problems += [f"prompt format: {problem}" for problem in self.prompt.problems()]
         except PromptFormatError as error:
             problems.append(f"prompt format: {error}")
         return problems
@@ -97,19 +94,13 @@ class GenerateConfig:
         return SamplingConfig(greedy=self.greedy, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               no_repeat_ngram_size=self.no_repeat_ngram_size)
 
-    def prompt_format(self) -> PromptFormat:
-        # "student" is the renderer's name for "this tokenizer's own template"; there is one model here.
-        chat = "student" if self.chat_template == "model" else self.chat_template
-        return PromptFormat(prompt_field=self.prompt_field, template=self.template, chat_template=chat,
-                            messages_field=self.messages_field, ignore_fields=self.ignore_fields)
-
     def content_settings(self) -> dict[str, Any]:
         """The settings a finished block depends on (resuming with other values is refused)."""
         settings = asdict(self)
         for name in _NOT_CONTENT:
             settings.pop(name)
         settings["data"] = list(self.data)
-        settings["ignore_fields"] = list(self.ignore_fields)
+        settings["prompt"] = self.prompt.manifest_entry()
         return settings
 
 
@@ -235,7 +226,7 @@ def generate_responses(config: GenerateConfig) -> dict[str, Any]:
     if max_prompt_tokens <= 0 or (window is not None and max_prompt_tokens + config.max_new_tokens > window):
         raise GenerateError(f"--max-prompt-tokens ({max_prompt_tokens}) + --max-new-tokens "
                             f"({config.max_new_tokens}) must fit the model's context window ({window})")
-    prompt_format = config.prompt_format()
+    prompt_format = config.prompt
     renderer = RowRenderer(prompt_format)
     if prompt_format.kind == "chat":
         try:

@@ -68,13 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from dskd_scale.prealign.prompts import PromptFormat
     from dskd_scale.response_data import GenerateConfig, GenerateError, generate_responses
 
+    # "student" is the renderer's name for the generating model's own chat template
+    chat_template = "student" if args.chat_template == "model" else args.chat_template
+    prompt = PromptFormat(prompt_field=args.prompt_field, template=args.template, chat_template=chat_template,
+                          messages_field=args.messages_field,
+                          ignore_fields=tuple(f.strip() for f in args.ignore_fields.split(",") if f.strip()))
     config = GenerateConfig(
-        model=args.model, tokenizer=args.tokenizer, data=tuple(args.data), out=args.out,
-        prompt_field=args.prompt_field, template=args.template, chat_template=args.chat_template,
-        messages_field=args.messages_field,
-        ignore_fields=tuple(f.strip() for f in args.ignore_fields.split(",") if f.strip()),
+        model=args.model, tokenizer=args.tokenizer, data=tuple(args.data), out=args.out, prompt=prompt,
         greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens, samples_per_prompt=args.samples_per_prompt, seed=args.seed,
