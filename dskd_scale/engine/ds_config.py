@@ -86,15 +86,18 @@ def student_ds_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size
     config = _base(engine, micro_batch_size, optim.grad_accum, engine.offload_param)
     config["gradient_clipping"] = optim.grad_clip
     on_cpu = not torch.cuda.is_available()
-    # torch AdamW on CPU: DeepSpeed's FusedAdam/CPUAdam would JIT-compile for ~70 s there.
     adam = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
             "weight_decay": optim.weight_decay}
-    if on_cpu:
+    optimizer_offload = _offload(engine.offload_optimizer, engine)
+    # optim.adam_impl; torch AdamW on CPU always: DeepSpeed's FusedAdam/CPUAdam would JIT-compile for ~70 s there.
+    deepspeed_adam = optim.adam_impl == "deepspeed" or (optim.adam_impl == "auto" and optimizer_offload is not None)
+    torch_adam = on_cpu or not deepspeed_adam
+    if torch_adam:
         adam["torch_adam"] = True
     config["optimizer"] = {"type": "AdamW", "params": adam}
-    if (optimizer_offload := _offload(engine.offload_optimizer, engine)) is not None:
+    if optimizer_offload is not None:
         config["zero_optimization"]["offload_optimizer"] = optimizer_offload
-        if on_cpu:
+        if torch_adam:  # DeepSpeed otherwise insists on its CPUAdam for an offloaded optimizer
             config["zero_force_ds_cpu_optimizer"] = False
     return config
 

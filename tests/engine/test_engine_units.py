@@ -95,6 +95,25 @@ def test_tuning_file_with_batch_or_ga_fields_is_refused(tmp_path):
     assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 1.0
 
 
+@pytest.mark.parametrize(("impl", "offload", "cuda", "torch_adam", "force_ds_cpu"), [
+    ("auto", "none", True, True, None),  # no JIT build at start-up on a GPU
+    ("auto", "cpu", True, False, None),  # DeepSpeed's CPUAdam for an offloaded optimizer
+    ("torch", "cpu", True, True, False),  # torch AdamW on the offloaded partitions: DeepSpeed must allow it
+    ("deepspeed", "none", True, False, None),
+    ("deepspeed", "cpu", False, True, False),  # CPU-only: always torch (no 70 s JIT)
+])
+def test_adam_implementation_follows_optim_adam_impl(monkeypatch, impl, offload, cuda, torch_adam, force_ds_cpu):
+    from dskd_scale.config.run import EngineConfig
+    from dskd_scale.engine import ds_config
+
+    monkeypatch.setattr(ds_config.torch.cuda, "is_available", lambda: cuda)
+    assert not OptimConfig(adam_impl=impl).problems()
+    config = ds_config.student_ds_config(EngineConfig(offload_optimizer=offload), OptimConfig(adam_impl=impl), 2)
+    assert config["optimizer"]["params"].get("torch_adam", False) is torch_adam
+    assert config.get("zero_force_ds_cpu_optimizer") is force_ds_cpu
+    assert "optim.adam_impl" in OptimConfig(adam_impl="fused").problems()[0]
+
+
 def test_schedule_warms_up_then_decays_to_min_lr_for_every_group():
     from dskd_scale.engine.build import lr_lambda
 
