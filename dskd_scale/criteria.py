@@ -117,7 +117,8 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
         kd: the ``kd`` config section (criterion, divergence, temperature, chunk size).
         rows: ``batch_rows(batch)``.
         student_hidden_BSD: student last hidden states (grad flows).
-        teacher_hidden_BTE: teacher last hidden states (no grad), None for ``sft``.
+        teacher_hidden_BTE: teacher last hidden states (no grad); None for ``sft``, and with a teacher cache,
+            whose rows at the aligned positions come in ``batch["teacher_hidden_rows"]`` (``[A, E]``).
         engines: ``dskd_scale.engine.build.Engines`` (heads, projectors, id map).
         agreement_mask: this step's t2s agreement-mask switch (``use_t2s_agreement_mask``).
         batch: the micro-batch itself (the sequence-level baselines need it).
@@ -132,7 +133,11 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
                                  grad_weight=weights.get("ce", 0.0))}
 
     student_AD = student_hidden_BSD[rows.align_batch_A, rows.align_student_A]
-    teacher_AE = teacher_hidden_BTE[rows.align_batch_A, rows.align_teacher_A]
+    if batch is not None and "teacher_hidden_rows" in batch:  # teacher.cache_dir: the rows came with the batch
+        # In the run's precision, as the live teacher's hidden states would be (exact for a bf16 cache in bf16).
+        teacher_AE = batch["teacher_hidden_rows"].to(student_hidden_BSD.dtype)
+    else:
+        teacher_AE = teacher_hidden_BTE[rows.align_batch_A, rows.align_teacher_A]
     if criterion in _DSKD_V2:
         fused = rows.fused_ce
         terms = dskd_loss(

@@ -31,9 +31,12 @@ from dskd_scale.data.format import atomic_write_bytes
 from dskd_scale.engine import checkpoint as ckpt
 from dskd_scale.engine.distributed import all_reduce_sum, device
 from dskd_scale.engine.export import export_student
+from dskd_scale.engine.rollout import SamplingSettings, generate_rollouts, generate_rollouts_per_token_gather
 from dskd_scale.engine.signals import EXIT_REQUEUE, StopSignal
 from dskd_scale.losses import use_t2s_agreement_mask
 from dskd_scale.metrics import MetricWindow, memory_bytes
+from dskd_scale.onpolicy import RolloutStats, is_on_policy_step, rollout_generator_seed, rollout_micro_batches
+from dskd_scale.onpolicy.batch import rates as rollout_rates
 from dskd_scale.tb_logging import log_run_start
 from dskd_scale.train_setup import Setup
 from dskd_scale.utils.logging import get_logger, is_rank_zero
@@ -70,7 +73,11 @@ def _add_counters(state: LoopState, totals: dict[str, float]) -> None:
 
 
 def _teacher_nonfinite(hidden: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """True (0-dim, on device) if the teacher's hidden state is not finite at some real (unmasked) token."""
+    """True (0-dim, on device) if the teacher's hidden state is not finite at some real (unmasked) token.
+
+    With a teacher cache the rows the losses read are ``batch["teacher_hidden_rows"]`` (all real tokens)."""
+    if hidden is None and "teacher_hidden_rows" in batch:
+        return (~torch.isfinite(batch["teacher_hidden_rows"])).any()
     if hidden is None:
         return torch.zeros((), dtype=torch.bool, device=batch["student_attention_mask"].device)
     return ((~torch.isfinite(hidden)).any(dim=-1) & batch["teacher_attention_mask"].bool()).any()
@@ -94,10 +101,39 @@ def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _teacher_hidden(setup: Setup, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    if setup.engines.teacher is None:
+    """The live teacher's last hidden states; None for ``sft`` and for a batch that carries cached teacher rows
+    (``teacher.cache_dir``: no teacher engine exists; the criteria read ``batch["teacher_hidden_rows"]``)."""
+    if setup.engines.teacher is None or "teacher_hidden_rows" in batch:
         return None
     with torch.no_grad():
         return setup.engines.teacher(batch["teacher_input_ids"], batch["teacher_attention_mask"])
+
+
+def _rollouts(setup: Setup, micro: list[dict[str, torch.Tensor]], step: int
+              ) -> tuple[list[dict[str, torch.Tensor]], RolloutStats]:
+    """This step's micro-batches with the gold responses replaced by student rollouts (collective: generation
+    gathers the student's parameters once for the whole step, on every rank)."""
+    engines, cfg = setup.engines, setup.cfg
+    options = cfg.kd.on_policy
+    settings = SamplingSettings(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                                top_p=options.top_p, top_k=options.top_k)
+    collator = setup.train_loader.collator
+    # Seeded from (seed, rank, step): a resumed run samples what the uninterrupted one sampled at this step. A CPU
+    # generator: the same draws whatever the accelerator.
+    generator = torch.Generator().manual_seed(rollout_generator_seed(cfg.seed, setup.rank, step))
+    common = {"generator": generator, "eos_id": int(engines.student_tokenizer.eos_token_id),
+               "pad_id": collator.student_pad_id}
+
+    def generate(prompts: list[np.ndarray]) -> list[np.ndarray]:
+        if options.gather == "per_token":
+            return generate_rollouts_per_token_gather(engines, prompts, settings, **common)
+        return generate_rollouts(engines, prompts, settings, **common,
+                                 max_gather_bytes=int(options.max_gather_gb * 2**30) or None)
+
+    return rollout_micro_batches(micro, generate, student_tokenizer=engines.student_tokenizer,
+                                 teacher_tokenizer=engines.teacher_tokenizer, collator=collator,
+                                 whitespace=setup.rollout_plan.whitespace,
+                                 teacher_max_length=setup.rollout_plan.teacher_max_positions)
 
 
 def _save(setup: Setup, state: LoopState, sampler_state: dict, window: MetricWindow) -> None:
@@ -259,24 +295,35 @@ def train(setup: Setup) -> int:
         while state.step < setup.total_steps:
             step_start = time.perf_counter()
             sampler_before = setup.train_loader.state_dict()
-            micro = [_to_device(next(batches)) for _ in range(ga)]
+            micro = [next(batches) for _ in range(ga)]
+            # The same decision on every rank, from (seed, step) alone (onpolicy/schedule.py): no collective.
+            on_policy = is_on_policy_step(cfg.seed, state.step, kd.on_policy.ratio)
+            rollout_seconds, rollout_stats = 0.0, RolloutStats()
+            if on_policy:
+                rollout_start = time.perf_counter()
+                micro, rollout_stats = _rollouts(setup, micro, state.step)
+                rollout_seconds = time.perf_counter() - rollout_start
+            micro = [_to_device(batch) for batch in micro]
             rows = [batch_rows(batch) for batch in micro]
             counts: dict[str, float] = {}
             for row, batch in zip(rows, micro, strict=True):
                 for name, value in local_counts(kd, row, batch).items():
                     counts[name] = counts.get(name, 0) + float(value)
             names = sorted(counts)
-            # One collective per step: global denominators, the stop decision and last step's agreement.
+            # One collective per step: global denominators, the stop decision, last step's agreement and this
+            # step's rollout counts.
             packed = torch.tensor([counts[n] for n in names] + [1.0 if stop.received else 0.0,
-                                                                 state.agreement_hits, state.agreement_rows],
-                                  dtype=torch.float64, device=device())
+                                                                 state.agreement_hits, state.agreement_rows]
+                                  + rollout_stats.values(), dtype=torch.float64, device=device())
             packed = all_reduce_sum(packed).cpu().tolist()
+            rollout_totals = dict(zip(RolloutStats.names(), packed[len(names) + 3:], strict=True))
             if packed[len(names)] > 0:
                 log.warning("stop signal: checkpointing at step %d and exiting with %d", state.step, EXIT_REQUEUE)
                 _save(setup, state, sampler_before, window)
                 return EXIT_REQUEUE
             global_counts = dict(zip(names, packed[: len(names)], strict=True))
-            agreement_mask = use_t2s_agreement_mask(packed[-2], packed[-1], kd.t2s_agreement_threshold)
+            agreement_mask = use_t2s_agreement_mask(packed[len(names) + 1], packed[len(names) + 2],
+                                                    kd.t2s_agreement_threshold)
             weights = head_grad_weights(kd, global_counts, world_size=setup.world_size, grad_accum_steps=ga)
             engines.student_head.refresh()
             teacher_seconds, agreement_hits, step_tokens = 0.0, 0.0, 0
@@ -307,7 +354,8 @@ def train(setup: Setup) -> int:
             if engines.student.was_step_applied():  # the same decision on every rank
                 state.consecutive_skipped_steps = 0
                 for name, value in step_metrics.items():  # a skipped step's loss is not logged
-                    window.add_global(f"train/{name}", value)
+                    if not (on_policy and name == "ce"):  # nor the CE of an on-policy step (it has no row)
+                        window.add_global(f"train/{name}", value)
             else:
                 state.skipped_steps += 1
                 state.consecutive_skipped_steps += 1
@@ -320,7 +368,13 @@ def train(setup: Setup) -> int:
                 setup.world_size, 1)
             step_seconds = time.perf_counter() - step_start
             window.add_global("perf/tokens_per_s", step_tokens / step_seconds)
-            if "kd_t2s" in global_counts:  # aligned rows per student response token (DSKD criteria only)
+            if kd.on_policy.enabled:
+                window.add_global("onpolicy/step_fraction", float(on_policy) / setup.world_size)
+                window.add_local("onpolicy/rollout_time_share", rollout_seconds / step_seconds)
+            if on_policy:  # averaged over the interval's on-policy steps (global values, shared out over ranks)
+                for name, value in rollout_rates(rollout_totals).items():
+                    window.add_global(name, value / setup.world_size)
+            elif "kd_t2s" in global_counts:  # aligned rows per gold response token (DSKD criteria only)
                 window.add_global("train/alignment_ratio", global_counts["kd_t2s"]
                                   / max(global_counts.get("ce", 0.0), 1.0) / setup.world_size)
             window.add_local("perf/step_seconds", step_seconds)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 CRITERIA = ("sft", "vanilla_kd", "dskd", "dskd_eta", "dskd_cma", "uld", "mined")
 # Criteria that need the teacher at all, and those that need the t2s projector / s2t map.
 TEACHER_CRITERIA = frozenset(CRITERIA) - {"sft"}
+# Criteria whose teacher input is only the last hidden state at the aligned rows (what teacher.cache_dir holds).
+# uld (i-th response token pairs), mined (MinED rows) and dskd_cma (whole sequences + embeddings) need more.
+TEACHER_CACHE_CRITERIA = frozenset({"dskd", "dskd_eta", "vanilla_kd"})
 PROJECTOR_CRITERIA = frozenset({"dskd", "dskd_eta", "dskd_cma"})
 DSKD_V2_CRITERIA = frozenset({"dskd", "dskd_eta"})  # t2s projector + s2t map (pinv initialised)
 DIVERGENCES = (
@@ -66,6 +69,9 @@ class ModelConfig:
     # Teacher only. "zero3": a frozen DeepSpeed engine at engine.zero_stage (partitioned under ZeRO-3, weights
     # gathered every forward). "replicated": a full frozen copy on every rank, no DeepSpeed (no per-step gathers).
     placement: str = "zero3"
+    # Teacher only: a teacher hidden-state cache (tools/cache_teacher.py output). Set, no teacher engine is
+    # built: the losses read the cached last hidden states with the batch, only the frozen head is loaded.
+    cache_dir: str = ""
 
     @property
     def tokenizer_path(self) -> str:
@@ -92,6 +98,11 @@ class ModelConfig:
         elif self.placement == "replicated" and prefix != "teacher":
             problems.append(f"{prefix}.placement=replicated is for the frozen teacher only; the trained {prefix} "
                             f"is always a ZeRO engine (remove {prefix}.placement)")
+        if self.cache_dir and prefix != "teacher":
+            problems.append(f"{prefix}.cache_dir is for the frozen teacher only (remove {prefix}.cache_dir)")
+        if self.cache_dir and not self.path:
+            problems.append(f"{prefix}.cache_dir needs {prefix}.path (the saved model the cache was written from and "
+                            f"is fingerprinted against); a random {prefix}.architecture has no weights to check")
         return problems
 
 
@@ -120,6 +131,56 @@ class DataConfig:
         return problems
 
 
+# Criteria whose terms are defined on aligned rows, so student rollouts (which have no gold labels) can feed them;
+# the others define their KD rows from gold labels (uld, dskd_cma, mined) or have no KD term (sft).
+ON_POLICY_CRITERIA = ("vanilla_kd", "dskd", "dskd_eta")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OnPolicyConfig:
+    """On-policy distillation: with probability ``ratio`` an optimizer step learns from student samples of the
+    step's prompts instead of the gold responses (README "On-policy distillation", design.md Contract 6)."""
+
+    ratio: float = 0.0  # lambda: probability that an optimizer step is on-policy; 0: off-policy only
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    # Online alignment of the rollouts: "exact" or "paper"; empty: the training shards' manifest choice.
+    whitespace: str = ""
+    # "once": gather the ZeRO-3 student once per step into a plain copy and generate from it (needs the whole
+    # student + KV cache on each device); "per_token": generate through ZeRO-3's layer-by-layer gathers (bounded
+    # memory, one all-gather per layer per token: much slower).
+    gather: str = "once"
+    max_gather_gb: float = 0.0  # "once" refuses above this per rank; 0: the device's free memory
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio > 0.0
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not 0.0 <= self.ratio <= 1.0:
+            problems.append(f"kd.on_policy.ratio must be in [0, 1] (0: off-policy only), got {self.ratio}")
+        if self.max_new_tokens <= 0:
+            problems.append(f"kd.on_policy.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"kd.on_policy.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"kd.on_policy.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"kd.on_policy.top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.gather not in ("once", "per_token"):
+            problems.append(f"kd.on_policy.gather must be once or per_token, got {self.gather!r}")
+        if self.max_gather_gb < 0:
+            problems.append(f"kd.on_policy.max_gather_gb must be >= 0 (0: free device memory), got "
+                            f"{self.max_gather_gb}")
+        if self.whitespace not in ("", "exact", "paper"):
+            problems.append(f"kd.on_policy.whitespace must be exact, paper or empty (the manifest's choice), "
+                            f"got {self.whitespace!r}")
+        return problems
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KDConfig:
     """Which criterion, and its knobs (the README's criterion table says which one fits a model pair)."""
@@ -144,9 +205,16 @@ class KDConfig:
     chunk_size: int = 1024
     # MinED vocabulary map (tools/build_mined_map.py output), for kd.criterion=mined.
     mined_map: str = ""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def problems(self) -> list[str]:
-        problems = []
+        problems = self.on_policy.problems()
+        if self.on_policy.enabled and self.criterion not in ON_POLICY_CRITERIA:
+            problems.append(f"kd.on_policy.ratio={self.on_policy.ratio} needs kd.criterion in "
+                            f"{', '.join(ON_POLICY_CRITERIA)}, got {self.criterion!r}: student rollouts have no gold "
+                            f"labels, and {self.criterion} "
+                            + ("has no KD term" if self.criterion == "sft" else "defines its KD rows from them")
+                            + " (set kd.on_policy.ratio=0 or change kd.criterion)")
         if self.criterion not in CRITERIA:
             problems.append(f"kd.criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -194,9 +262,18 @@ class OptimConfig:
     # Stop with an error (exit 3) after this many optimizer steps in a row were skipped for non-finite
     # gradients (a diverged run); 0 never stops. fp16 loss scaling skips a few steps at the start by design.
     max_consecutive_skipped_steps: int = 50
+    # "torch": torch.optim.AdamW on the ZeRO partitions (no build step; on ZeRO-3 each group is one flat fp32
+    # tensor, so a fused kernel buys little). "deepspeed": DeepSpeed's FusedAdam on GPU / CPUAdam for an offloaded
+    # optimizer, JIT-compiled at start-up unless the ops were prebuilt (DS_BUILD_FUSED_ADAM=1, DS_BUILD_CPU_ADAM=1);
+    # the FusedAdam JIT needs nvcc and, in DeepSpeed 0.19.8, fails when TORCH_CUDA_ARCH_LIST holds an arch such as
+    # "9.0a" (seen on an H200). "auto": torch, except DeepSpeed's CPUAdam for engine.offload_optimizer on a GPU
+    # (C++ only, several times faster than torch's AdamW on CPU tensors). CPU-only runs always use torch's.
+    adam_impl: str = "auto"
 
     def problems(self) -> list[str]:
         problems = []
+        if self.adam_impl not in ("auto", "torch", "deepspeed"):
+            problems.append(f"optim.adam_impl must be auto, torch or deepspeed, got {self.adam_impl!r}")
         if self.lr <= 0 or self.projector_lr <= 0:
             problems.append(f"optim.lr and optim.projector_lr must be > 0, got {self.lr}, {self.projector_lr}")
         if self.schedule not in SCHEDULES:
@@ -298,6 +375,24 @@ class RunConfig:
     def needs_teacher(self) -> bool:
         return self.kd.criterion in TEACHER_CRITERIA
 
+    def teacher_cache_problems(self) -> list[str]:
+        """What ``teacher.cache_dir`` cannot serve: other criteria, another eval folder, live on-policy steps."""
+        if not self.teacher.cache_dir:
+            return []
+        problems = []
+        if self.kd.criterion not in TEACHER_CACHE_CRITERIA:
+            problems.append(f"teacher.cache_dir cannot serve kd.criterion={self.kd.criterion}: it needs teacher hidden "
+                            "states beyond the aligned rows the cache holds; use one of "
+                            f"{', '.join(sorted(TEACHER_CACHE_CRITERIA))}, or unset teacher.cache_dir")
+        if self.data.eval_dir:
+            problems.append(f"teacher.cache_dir covers data.train_dir only, not data.eval_dir={self.data.eval_dir}: "
+                            "use data.eval_holdout (its examples are in the cache), or unset teacher.cache_dir")
+        if self.kd.on_policy.enabled:  # design.md "Teacher hidden-state cache": mixing is left for later
+            problems.append("teacher.cache_dir with kd.on_policy.ratio > 0: on-policy steps score fresh student "
+                            "rollouts, which no cache holds, and a cached run builds no live teacher; set "
+                            "kd.on_policy.ratio=0 or unset teacher.cache_dir")
+        return problems
+
     def validate(self) -> list[str]:
         # Sections report full dotted paths here: the loader validates only the sections a YAML sets,
         # and a section left at its defaults (e.g. no data.train_dir) must still be checked.
@@ -312,6 +407,10 @@ class RunConfig:
                 problems.append(f"engine.teacher_offload_param={self.engine.teacher_offload_param} offloads a ZeRO-3 "
                                 "teacher's partition, but teacher.placement=replicated keeps a full copy on every "
                                 "rank's device: set one of them back")
+            problems += self.teacher_cache_problems()
+        if self.kd.on_policy.enabled and self.teacher.cache_dir:
+            problems.append(f"kd.on_policy.ratio={self.kd.on_policy.ratio} needs the live teacher (rollouts are new "
+                            "text, not in teacher.cache_dir): unset teacher.cache_dir or set kd.on_policy.ratio=0")
         if not self.output_dir:
             problems.append("output_dir is empty: set output_dir (checkpoints, logs and exports go there)")
         if self.engine.precision == "fp16" and self.kd.criterion in PROJECTOR_CRITERIA:

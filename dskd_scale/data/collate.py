@@ -38,13 +38,25 @@ def pad_right(rows: Sequence[np.ndarray], pad_value: int) -> tuple[np.ndarray, n
     return padded_BL, lengths_B
 
 
+def _teacher_rows(examples: Sequence[Mapping[str, np.ndarray]], align_lengths_B: np.ndarray) -> np.ndarray:
+    """The examples' cached teacher rows ``[A, E]`` float32, one per alignment pair, in the batch's align order."""
+    rows = [np.asarray(ex["teacher_hidden_rows"], dtype=np.float32) for ex in examples]
+    for ex, rows_AE, pairs in zip(examples, rows, align_lengths_B.tolist(), strict=True):
+        if rows_AE.ndim != 2 or rows_AE.shape[0] != pairs:
+            raise ValueError(f"example_index {int(ex['example_index'])}: {rows_AE.shape[0] if rows_AE.ndim else 0} "
+                             f"cached teacher rows for {pairs} alignment pairs")
+    return np.concatenate(rows)
+
+
 class Collator:
     """Turns a list of prealigned examples into Contract 2 tensors (all int64).
 
     Output keys: ``student_input_ids/attention_mask/labels [B,S]``, ``teacher_* [B,T]`` (padding: the side's pad
     id, mask 0, label -100), ``align_batch/align_student/align_teacher [A]`` (row in the batch and positions into
     that row's input ids, unchanged from the shard), ``example_index [B]``, ``num_examples`` (0-dim tensor: the
-    rows that count, i.e. ``B`` minus repeat rows).
+    rows that count, i.e. ``B`` minus repeat rows). Examples that carry ``teacher_hidden_rows`` ``[A_i, E]`` (a
+    teacher hidden-state cache, one row per alignment pair) add ``teacher_hidden_rows [A, E]`` float32, row ``a``
+    the teacher's last hidden state at ``align_teacher[a] - 1``.
 
     An example carrying ``is_repeat=True`` (a slot that only fills the last step of an epoch, see
     ``ResumableDistributedSampler``) is kept in the batch, so every rank runs the same shapes of work, but
@@ -93,6 +105,8 @@ class Collator:
                 raise ValueError(f"align_student and align_{side} differ in length in this batch")
             batch[f"align_{side}"] = positions_A[keep_A]
         batch["example_index"] = np.fromiter((int(ex["example_index"]) for ex in examples), np.int64, len(examples))
+        if "teacher_hidden_rows" in examples[0]:
+            batch["teacher_hidden_rows"] = _teacher_rows(examples, align_lengths_B)[keep_A]
         out = {key: torch.from_numpy(value) for key, value in batch.items()}
         out["num_examples"] = torch.tensor(int((~is_repeat_B).sum()), dtype=torch.int64)
         return out

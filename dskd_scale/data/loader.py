@@ -19,7 +19,7 @@ from dskd_scale.data.collate import Collator
 from dskd_scale.data.dataset import DataError, PrealignedDataset
 from dskd_scale.data.sampler import ResumableDistributedSampler
 
-__all__ = ["TrainLoader", "build_train_loader", "pad_id_from_manifest"]
+__all__ = ["CachedTeacherRows", "TrainLoader", "build_train_loader", "pad_id_from_manifest"]
 
 
 class TrainLoader:
@@ -35,6 +35,9 @@ class TrainLoader:
         num_workers: DataLoader worker processes (0: collate in this process; collation is vectorised and cheap).
         pin_memory: pin batches for asynchronous host-to-GPU copies.
         prefetch_factor: batches each worker prepares ahead (only with ``num_workers > 0``).
+        teacher_rows: with a teacher hidden-state cache, ``CachedTeacherRows``: each example then carries its
+            cached rows and batches gain ``teacher_hidden_rows`` (random access by example, so the order is the
+            sampler's as without a cache).
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class TrainLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
+        teacher_rows: CachedTeacherRows | None = None,
     ):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -55,6 +59,7 @@ class TrainLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.teacher_rows = teacher_rows
         self._data_identity: str | None = None
 
     @property
@@ -90,7 +95,7 @@ class TrainLoader:
             yield list(zip(indices[row].tolist(), repeats[row].tolist(), strict=True))
 
     def _batches(self, micro_batches: Iterator[list[tuple[int, bool]]]) -> Iterator[dict[str, torch.Tensor]]:
-        examples = _RepeatMarkingView(self.dataset)
+        examples = _RepeatMarkingView(self.dataset, self.teacher_rows)
         if self.num_workers == 0:
             for keys in micro_batches:
                 batch = self.collator([examples[key] for key in keys])
@@ -143,14 +148,45 @@ def _data_identity(dataset: PrealignedDataset) -> str:
 
 
 class _RepeatMarkingView:
-    """``view[(index, is_repeat)]`` -> ``dataset[index]`` with the sampler's repeat flag added for the collator."""
+    """``view[(index, is_repeat)]`` -> ``dataset[index]`` with the sampler's repeat flag added for the collator
+    (and the example's cached teacher rows, with a cache)."""
 
-    def __init__(self, dataset: PrealignedDataset):
+    def __init__(self, dataset: PrealignedDataset, teacher_rows: CachedTeacherRows | None = None):
         self.dataset = dataset
+        self.teacher_rows = teacher_rows
 
     def __getitem__(self, key: tuple[int, bool]) -> dict[str, Any]:
         index, is_repeat = key
-        return {**self.dataset[index], "is_repeat": is_repeat}
+        example = {**self.dataset[index], "is_repeat": is_repeat}
+        if self.teacher_rows is not None:
+            example["teacher_hidden_rows"] = self.teacher_rows(example)
+        return example
+
+
+class CachedTeacherRows:
+    """An example's rows of a teacher hidden-state cache, one per alignment pair: ``[A_i, E]`` float32.
+
+    Row ``a`` is the teacher's final hidden state at ``align_teacher[a] - 1`` (the position that predicts the
+    aligned token), as ``teacher_hidden_BTE[b, align_teacher - 1]`` of a live teacher. Works for an ``aligned``
+    cache (exactly these rows) and an ``all_positions`` one (every teacher response position, so one cache serves
+    students with any tokenizer); each example's teacher token ids are checked against the cache's digest.
+
+    Args:
+        cache: an opened ``dskd_scale.teacher_cache.TeacherCache``.
+    """
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def __call__(self, example: Mapping[str, np.ndarray]) -> np.ndarray:
+        from dskd_scale.teacher_cache import CacheMismatch
+
+        try:
+            rows = self.cache.aligned_rows(int(example["example_index"]), example["align_teacher"],
+                                           example["teacher_input_ids"])
+        except CacheMismatch as err:
+            raise DataError(str(err)) from err
+        return rows.numpy()
 
 
 def pad_id_from_manifest(manifest: Mapping[str, Any], side: str) -> int:
@@ -180,6 +216,7 @@ def build_train_loader(
     pin_memory: bool = False,
     student_pad_id: int | None = None,
     teacher_pad_id: int | None = None,
+    teacher_rows: CachedTeacherRows | None = None,
 ) -> TrainLoader:
     """A resumable loader over ``dataset`` for one data-parallel rank.
 
@@ -209,4 +246,5 @@ def build_train_loader(
         student_pad_id=pad_id_from_manifest(manifest, "student") if student_pad_id is None else student_pad_id,
         teacher_pad_id=pad_id_from_manifest(manifest, "teacher") if teacher_pad_id is None else teacher_pad_id,
     )
-    return TrainLoader(dataset, sampler, collator, num_workers=num_workers, pin_memory=pin_memory)
+    return TrainLoader(dataset, sampler, collator, num_workers=num_workers, pin_memory=pin_memory,
+                       teacher_rows=teacher_rows)

@@ -29,6 +29,7 @@ from dskd_scale.engine.distributed import device, rank, world_size
 from dskd_scale.engine.ds_config import student_ds_config, teacher_ds_config, torch_dtype
 from dskd_scale.engine.heads import StudentHead, full_copy, gathered, linear_head
 from dskd_scale.models.build import (
+    ModelBuildError,
     apply_lora,
     build_causal_lm,
     causal_lm_of,
@@ -241,11 +242,11 @@ def _overlap_ids(vocab_map: dict[str, np.ndarray], student_vocab: int, teacher_v
     return student_ids, teacher_ids
 
 
-def _init_projectors(kd: KDConfig, student: nn.Module, teacher: nn.Module, t2s: T2SProjector | None,
+def _init_projectors(kd: KDConfig, student: nn.Module, teacher_head: nn.Module, t2s: T2SProjector | None,
                      s2t_learned: LearnedS2TMap | None, overlap: tuple[Tensor, Tensor]) -> PinvS2TMap | None:
     """Gather both heads once; init the t2s projector / learned s2t map; build the pinv s2t map."""
     student_ids, teacher_ids = overlap
-    student_head, teacher_head = head_of(student), head_of(teacher)
+    student_head = head_of(student)
     with gathered([student_head.weight, teacher_head.weight]):
         student_rows_OD = student_head.weight.detach()[student_ids].float()
         teacher_rows_OE = teacher_head.weight.detach()[teacher_ids].float()
@@ -269,6 +270,45 @@ def _init_projectors(kd: KDConfig, student: nn.Module, teacher: nn.Module, t2s: 
     if kd.projector_init == "random" and t2s is not None:  # same random init on every rank
         _broadcast_from_rank0(t2s.weight.data)
     return s2t_map
+
+
+def _frozen_teacher_head(cfg: ModelConfig, *, dtype: torch.dtype) -> nn.Linear:
+    """The teacher's LM head alone, read from its safetensors (``teacher.cache_dir``: no teacher is built).
+
+    The tensor's name comes from a weightless (meta-device) skeleton of the model: the head's own name, or the
+    input embedding's when the two are tied, with or without the base-model prefix some checkpoints omit.
+    Every rank reads the ``[W, E]`` rows (one full copy per rank, as the live path's gathered head).
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(cfg.path)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    head_weight = skeleton.get_output_embeddings().weight
+    names = [name for name, param in skeleton.named_parameters(remove_duplicate=False) if param is head_weight]
+    prefix = f"{skeleton.base_model_prefix}."
+    names += [name[len(prefix):] for name in names if name.startswith(prefix)]
+    index = folder / "model.safetensors.index.json"
+    files = (json.loads(index.read_text())["weight_map"] if index.is_file()
+             else {name: "model.safetensors" for name in names})
+    for name in names:
+        path = folder / files.get(name, "")
+        if name in files and path.is_file():
+            with safe_open(str(path), framework="pt") as handle:
+                if name in handle.keys():
+                    weight = handle.get_tensor(name).to(dtype)
+                    break
+    else:
+        raise ModelBuildError(f"teacher.path={cfg.path}: no safetensors tensor {' or '.join(names)} (the LM head) "
+                              "found; teacher.cache_dir loads only the head, from model.safetensors[.index.json]")
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
+    head.weight = nn.Parameter(weight, requires_grad=False)
+    return head
 
 
 def _baseline_resources(kd: KDConfig, student_tokenizer, teacher_tokenizer, teacher_engine):
@@ -305,18 +345,24 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
     dtype = torch_dtype(engine_cfg.precision)
     s_config = student_ds_config(engine_cfg, optim, micro_batch_size)
     replicated = teacher_cfg is not None and teacher_cfg.placement == "replicated"
-    t_config = teacher_ds_config(engine_cfg, micro_batch_size) if teacher_cfg is not None and not replicated else None
+    cached = teacher_cfg is not None and bool(teacher_cfg.cache_dir)  # the hidden states come with the batches
+    live_zero = teacher_cfg is not None and not replicated and not cached
+    t_config = teacher_ds_config(engine_cfg, micro_batch_size) if live_zero else None
     keepalive: list = []
     student_tokenizer = student_tokenizer or load_tokenizer(student_cfg.tokenizer_path, key="student.tokenizer")
-    teacher = None
+    teacher = teacher_head_module = None
     if teacher_cfg is not None:
         teacher_tokenizer = teacher_tokenizer or load_tokenizer(teacher_cfg.tokenizer_path, key="teacher.tokenizer")
+    if cached:
+        teacher_head_module = _frozen_teacher_head(teacher_cfg, dtype=dtype)
+    elif teacher_cfg is not None:
         if engine_cfg.zero_stage == 3 and not replicated:
             keepalive.append(HfDeepSpeedConfig(t_config))  # from_pretrained/from_config -> zero.Init
         teacher = build_causal_lm(teacher_cfg, teacher_tokenizer, dtype=dtype, key="teacher",
                                   device=device() if replicated else None)
         teacher.requires_grad_(False)
         teacher.eval()
+        teacher_head_module = head_of(teacher)
     if engine_cfg.zero_stage == 3:
         keepalive.append(HfDeepSpeedConfig(s_config))  # the student's stays alive (generate's synced_gpus)
     student = build_causal_lm(student_cfg, student_tokenizer, dtype=dtype, key="student")
@@ -330,12 +376,13 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
     if needs_projectors:
         if vocab_map is None:
             raise ValueError(f"kd.criterion={kd.criterion} needs the shards' vocab_map.safetensors")
-        t2s = T2SProjector(hidden_size_of(teacher), hidden_size_of(student))
+        teacher_hidden = teacher_head_module.in_features
+        t2s = T2SProjector(teacher_hidden, hidden_size_of(student))
         if kd.s2t_map == "learned":
-            s2t_learned = LearnedS2TMap(hidden_size_of(student), hidden_size_of(teacher))
-        overlap = _overlap_ids(vocab_map, head_of(student).out_features, head_of(teacher).out_features)
-        s2t_map = _init_projectors(kd, student, teacher, t2s, s2t_learned, overlap)
-    if teacher is not None and vocab_map is not None:
+            s2t_learned = LearnedS2TMap(hidden_size_of(student), teacher_hidden)
+        overlap = _overlap_ids(vocab_map, head_of(student).out_features, teacher_head_module.out_features)
+        s2t_map = _init_projectors(kd, student, teacher_head_module, t2s, s2t_learned, overlap)
+    if teacher_head_module is not None and vocab_map is not None:
         teacher_to_student = torch.as_tensor(vocab_map["teacher_to_student"], dtype=torch.long)
 
     cma = None
@@ -368,6 +415,8 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
         engines.teacher = teacher_engine
         teacher_head_module = teacher_engine.module.head
         engines.teacher_head = linear_head(full_copy(teacher_head_module.weight))
+    elif cached:  # no teacher engine: the frozen head alone (teacher-space logits, s2t map)
+        engines.teacher_head = linear_head(teacher_head_module.weight.to(device()))
     if s2t_map is not None:
         s2t_map.to(device())
     engines.s2t_map = s2t_map if s2t_map is not None else student_engine.module.s2t_projector
@@ -375,7 +424,7 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
     engines.student_head = StudentHead(
         student_engine.module.head, s2t_map,
         input_embedding=causal_lm_of(student).get_input_embeddings() if kd.criterion == "dskd_cma" else None)
-    if teacher is not None and kd.criterion not in ("dskd", "dskd_eta"):
+    if teacher_head_module is not None and kd.criterion not in ("dskd", "dskd_eta"):
         engines.baseline_resources = _baseline_resources(kd, student_tokenizer, teacher_tokenizer, engines.teacher)
     if student_engine.zero_optimization_partition_gradients():
         if student_engine.module.head.weight.requires_grad:
@@ -383,6 +432,7 @@ def build_engines(*, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, 
     else:
         student_engine.enable_backward_allreduce = False  # Engines.backward all-reduces after routing
     log.info("engines built: student %s, teacher %s (%s), ZeRO-%d, %s", type(student).__name__,
-             type(teacher).__name__ if teacher is not None else "none",
-             teacher_cfg.placement if teacher is not None else "-", engine_cfg.zero_stage, engine_cfg.precision)
+             type(teacher).__name__ if teacher is not None else "head only" if cached else "none",
+             teacher_cfg.placement if teacher is not None else "cache" if cached else "-", engine_cfg.zero_stage,
+             engine_cfg.precision)
     return engines
