@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=None,
                         help="--dry-run: nodes the ranks are spread over (default: WORLD_SIZE / $LOCAL_WORLD_SIZE, "
                              "else 1)")
+    parser.add_argument("--plan-cache", action="store_true",
+                        help="--dry-run: also size a teacher hidden-state cache of data.train_dir (bytes in bf16 and "
+                             "fp8_e4m3, bytes read per step; always shown when teacher.cache_dir is set)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     # Set by launch/run_deepspeed.sh where environment variables do not reach the ranks (pdsh over ssh).
     parser.add_argument("--exit-dir", default=None, help=argparse.SUPPRESS)
@@ -77,10 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if not args.dry_run and (args.world_size is not None or args.nodes is not None):
         parser.error("--world-size/--nodes plan a --dry-run; a real run takes its ranks from the launcher")
+    if not args.dry_run and args.plan_cache:
+        parser.error("--plan-cache sizes a teacher cache in a --dry-run; write one with tools/cache_teacher.py")
     return args
 
 
-def dry_run(cfg: RunConfig, world_size: int | None, nodes: int | None) -> int:
+def dry_run(cfg: RunConfig, world_size: int | None, nodes: int | None, plan_cache: bool = False) -> int:
     import yaml
 
     from dskd_scale.engine.dry_run import DryRunError, describe_run
@@ -89,7 +94,7 @@ def dry_run(cfg: RunConfig, world_size: int | None, nodes: int | None) -> int:
     if nodes is None:
         nodes = max(world_size // int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))), 1)
     try:
-        report = describe_run(cfg, world_size=world_size, nodes=nodes)
+        report = describe_run(cfg, world_size=world_size, nodes=nodes, plan_cache=plan_cache)
     except DryRunError as err:
         print(err, file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -102,6 +107,9 @@ def dry_run(cfg: RunConfig, world_size: int | None, nodes: int | None) -> int:
         print(json.dumps(report["teacher_ds_config"], indent=2))
     print("# per-rank model-state memory (DeepSpeed ZeRO-3 estimator)")
     print(json.dumps(report["memory"], indent=2))
+    if report["teacher_cache"] is not None:
+        print("# teacher hidden-state cache of data.train_dir (bytes per row: bf16 2E+4, fp8_e4m3 E+8)")
+        print(json.dumps(report["teacher_cache"], indent=2))
     print("# plan")
     print(json.dumps(report["plan"], indent=2))
     plan = report["plan"]
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return fail(EXIT_BAD_INPUT, str(err))
     if args.dry_run:
-        return dry_run(cfg, args.world_size, args.nodes)
+        return dry_run(cfg, args.world_size, args.nodes, args.plan_cache)
 
     from dskd_scale.data.dataset import DataError
     from dskd_scale.engine.checkpoint import CheckpointWriteError

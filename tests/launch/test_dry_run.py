@@ -54,12 +54,96 @@ def test_plan_and_memory_for_both_teacher_placements(tiny, tmp_path):
     memory = _json_after(out, "# per-rank model-state memory (DeepSpeed ZeRO-3 estimator)")
     teacher_params = memory["teacher_params"]
     placements = memory["teacher_placement"]
-    assert placements["zero3"]["bytes_per_rank"] == -(-teacher_params // 4) * 2  # bf16 partition over 4 ranks
+    head = placements["cache"]["head_params"]  # with teacher.cache_dir: the frozen [V, D] teacher head only
+    assert head == json.loads((tiny.teacher / "config.json").read_text())["vocab_size"] * 64  # [V, 64]
+    assert placements["zero3"]["partition_bytes"] == -(-teacher_params // 4) * 2  # bf16 partition over 4 ranks
+    assert placements["zero3"]["bytes_per_rank"] == -(-teacher_params // 4) * 2 + head * 2  # + the gathered head
     assert placements["replicated"]["bytes_per_rank"] == teacher_params * 2
     assert memory["ranks_per_node"] == 2 and memory["projector_params"] == 32 * 64
     trained = memory["trained_engine"]["accelerator_bytes_per_rank"]
-    assert memory["model_states_bytes_per_rank"] == {"zero3": trained + placements["zero3"]["bytes_per_rank"],
-                                                     "replicated": trained + teacher_params * 2}
+    states = {"zero3": trained + placements["zero3"]["bytes_per_rank"], "replicated": trained + teacher_params * 2,
+              "cache": trained + head * 2}
+    assert memory["model_states_bytes_per_rank"] == states
+    # the student head's bf16 copy, fp32 gradient accumulator and bf16 full-shape gradient: 8 bytes per weight
+    student_head = memory["student_head_buffers_bytes_per_rank"]
+    assert student_head == json.loads((tiny.student / "config.json").read_text())["vocab_size"] * 32 * 8  # [V, 32]
+    assert memory["bytes_per_rank_without_activations"] == {name: states[name] + student_head for name in states}
+    assert "# teacher hidden-state cache" not in out  # neither configured nor asked for (--plan-cache)
+
+
+def test_teacher_cache_is_sized_from_the_shards(tiny, tmp_path):
+    """--plan-cache: rows counted from the shards (read here with pyarrow), priced at 2E+4 (bf16) and E+8 (fp8:
+    values, int32 position, fp32 scale)."""
+    import pyarrow.parquet as pq
+
+    status, out, err = train_cli(
+        ["--config", str(ROOT / "configs/runs/dolly_qwen2.5-7b_to_llama3.2-1b_dskd_eta.yaml"), "--dry-run",
+         "--plan-cache", "--world-size", "4", f"teacher.path={tiny.teacher}", f"student.path={tiny.student}",
+         f"data.train_dir={tiny.prealigned}", "data.eval_dir=", "data.eval_holdout=100", "data.micro_batch_size=2",
+         "optim.grad_accum=3", f"engine.zero_tuning={ROOT / 'configs/deepspeed/zero3_large_buckets.json'}"], tmp_path)
+    assert status == 0, err
+    cache = _json_after(out, "# teacher hidden-state cache of data.train_dir (bytes per row: bf16 2E+4, fp8_e4m3 E+8)")
+    manifest = json.loads((tiny.prealigned / "manifest.json").read_text())
+    tables = [pq.read_table(tiny.prealigned / shard["file"]) for shard in manifest["shards"]]
+    aligned = sum(len(row) for table in tables for row in table.column("align_teacher").to_pylist())
+    # all_positions: from the position before the first response label to the second-to-last position
+    response = sum(len(row) - 1 - max([i for i, label in enumerate(row) if label != -100][0] - 1, 0)
+                   for table in tables for row in table.column("teacher_labels").to_pylist())
+    assert cache["examples"] == 800  # the hold-out is in the cache too (it covers data.train_dir)
+    assert cache["rows"] == {"aligned": aligned, "all_positions": response} and 0 < aligned <= response
+    assert cache["bytes_per_row"] == {"bf16": 2 * 64 + 4, "fp8_e4m3": 64 + 8}  # teacher hidden size 64
+    assert cache["size_bytes"] == {"bf16": aligned * 132, "fp8_e4m3": aligned * 72}
+    assert cache["size_bytes_all_positions"] == {"bf16": response * 132, "fp8_e4m3": response * 72}
+    assert cache["read_bytes_per_step_per_rank"]["bf16"] == round(aligned / 800 * 2 * 3 * 132)
+    assert cache["read_bytes_per_step_all_ranks"]["fp8_e4m3"] == round(aligned / 800 * 2 * 3 * 4 * 72)
+    memory = _json_after(out, "# per-rank model-state memory (DeepSpeed ZeRO-3 estimator)")
+    assert memory["teacher_placement"]["configured"] == "zero3"  # asked for, not configured
+    status, _, err = train_cli(
+        ["--config", str(ROOT / "configs/runs/dolly_qwen2.5-7b_to_llama3.2-1b_dskd_eta.yaml"), "--dry-run",
+         f"teacher.path={tiny.teacher}", f"student.path={tiny.student}", f"data.train_dir={tiny.prealigned}",
+         "data.eval_dir=", "teacher.cache_dir=no_cache"], tmp_path)
+    assert status == 2 and f"teacher.cache_dir=no_cache (= {tmp_path}/no_cache): no such folder" in err
+    (tmp_path / "half_written").mkdir()  # no manifest.json: an interrupted tools/cache_teacher.py
+    status, _, err = train_cli(
+        ["--config", str(ROOT / "configs/runs/dolly_qwen2.5-7b_to_llama3.2-1b_dskd_eta.yaml"), "--dry-run",
+         f"teacher.path={tiny.teacher}", f"student.path={tiny.student}", f"data.train_dir={tiny.prealigned}",
+         "data.eval_dir=", "teacher.cache_dir=half_written",
+         f"engine.zero_tuning={ROOT / 'configs/deepspeed/zero3_large_buckets.json'}"], tmp_path)
+    problems = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert status == 2 and len(problems) == 1, err
+    assert "teacher.cache_dir=half_written" in problems[0] and "manifest.json" in problems[0]
+
+
+def test_configured_teacher_cache_is_opened_and_priced(tiny, tmp_path):
+    """teacher.cache_dir written by the cache writer: opened as training opens it, no teacher engine, the head-only
+    memory configured, and the rows predicted from the shards are the rows the writer wrote."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dskd_scale.config.run import ModelConfig
+    from dskd_scale.teacher_cache.writer import CacheWriteConfig, run_cache_teacher
+
+    teacher = tmp_path / "teacher"  # the tiny teacher with weights: a cache is fingerprinted by them
+    shutil.copytree(tiny.teacher, teacher)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher)).save_pretrained(teacher)
+    manifest = run_cache_teacher(CacheWriteConfig(teacher=ModelConfig(path=str(teacher)), data_dir=str(tiny.prealigned),
+                                                  out=str(tmp_path / "cache"), dtype="fp8_e4m3", batch_size=32,
+                                                  num_shards=2))
+    status, out, err = train_cli(
+        ["--config", str(ROOT / "configs/runs/dolly_qwen2.5-7b_to_llama3.2-1b_dskd_eta.yaml"), "--dry-run",
+         "--world-size", "4", "teacher.path=teacher", "teacher.cache_dir=cache", f"student.path={tiny.student}",
+         f"data.train_dir={tiny.prealigned}", "data.eval_dir=",
+         f"engine.zero_tuning={ROOT / 'configs/deepspeed/zero3_large_buckets.json'}"], tmp_path)
+    assert status == 0, err
+    assert "# DeepSpeed config (teacher engine)" not in out  # a cached run builds no teacher engine
+    cache = _json_after(out, "# teacher hidden-state cache of data.train_dir (bytes per row: bf16 2E+4, fp8_e4m3 E+8)")
+    assert cache["rows"]["aligned"] == manifest["num_rows"] and cache["examples"] == manifest["num_examples"]
+    assert cache["configured"] == {"folder": "cache", "mode": "aligned", "dtype": "fp8_e4m3",
+                                   "examples": manifest["num_examples"], "bytes_per_row": 64 + 8}
+    memory = _json_after(out, "# per-rank model-state memory (DeepSpeed ZeRO-3 estimator)")
+    assert memory["teacher_placement"]["configured"] == "cache"
+    assert memory["teacher_bytes_per_rank"] == memory["teacher_placement"]["cache"]["head_params"] * 2
 
 
 def test_every_problem_is_listed_in_one_exit_2(tiny, tmp_path):
@@ -180,3 +264,5 @@ def test_world_size_flags_without_dry_run_are_refused(tmp_path):
     status, _, err = train_cli(["--config", str(ROOT / "configs/tests/tiny_sft.yaml"), "--world-size", "8"],
                                tmp_path)
     assert status == 2 and "--world-size/--nodes plan a --dry-run" in err
+    status, _, err = train_cli(["--config", str(ROOT / "configs/tests/tiny_sft.yaml"), "--plan-cache"], tmp_path)
+    assert status == 2 and "--plan-cache sizes a teacher cache in a --dry-run" in err
