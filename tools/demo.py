@@ -19,7 +19,7 @@ Every step runs the product's own entry points, the way a user would:
 5. evaluate the teacher and every student on the held-out test set (`tools/evaluate.py`, greedy: exact match,
    ROUGE-L), print the seed-averaged table, write it as ``OUT/results.json``, and say where the TensorBoard logs are.
 
-    python tools/demo.py --out demo_out [--ranks 2] [--seeds 10,20] [--teacher-steps 1500] [--student-steps 250]
+    python tools/demo.py --out demo_out [--ranks 2] [--seeds 10,20] [--teacher-steps 1500] [--student-steps 500]
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     parser.add_argument("--seeds", default="10,20", help="comma list: one SFT and one DSKD student per seed")
     parser.add_argument("--teacher-steps", type=int, default=1500)
-    parser.add_argument("--student-steps", type=int, default=250)
+    parser.add_argument("--student-steps", type=int, default=500)
     parser.add_argument("--eval-limit", type=int, default=200, help="held-out test examples per model")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing its assets")
     args = parser.parse_args(argv)

@@ -7,7 +7,8 @@
 Writes DIR/{train,valid,test}.jsonl (Dolly layout: instruction, input, prompt, output; templated tasks with
 one correct answer; clean), DIR/student_train.jsonl (small, a fraction --label-noise of its answers wrong in the
 way a hurried annotator gets them wrong; 0 rows: not written), DIR/teacher_tokenizer/ (byte-level BPE) and
-DIR/student_tokenizer/ (SentencePiece Llama-style BPE with byte fallback), both loadable offline
+DIR/student_tokenizer/ (SentencePiece Llama-style BPE with byte fallback; punctuation split off words and
+line-initial words learned, as Llama's SentencePiece does), both loadable offline
 with AutoTokenizer.from_pretrained(dir).
 """
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--label-noise must be in [0, 1), got {args.label_noise}")
     try:
         paths = build_demo_assets(args.out, seed=args.seed, train=args.train, valid=args.valid, test=args.test,
-                                  student_train=args.student_train, label_noise=args.label_noise)
+                                  student_train=args.student_train, label_noise=args.label_noise,
+                                  split_student_punctuation=True)
     except OSError as err:  # exit status 2 like every tool: bad input, one line, no traceback
         print(f"make_demo_assets.py: error: cannot write --out {args.out}: {err}", file=sys.stderr)
         return 2
