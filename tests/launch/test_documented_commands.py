@@ -36,7 +36,8 @@ MODEL_PLACEHOLDERS = {  # placeholder -> which tiny stand-in; a new placeholder 
     "/models/Qwen2.5-1.5B": "student", "/models/Llama-3.2-1B": "student",
 }
 DATA_FILES = {"train.jsonl": "train", "valid.jsonl": "valid", "dolly/train.jsonl": "train",
-              "dolly/valid.jsonl": "valid"}
+              "dolly/valid.jsonl": "valid",
+              "data/seqkd/train.jsonl": "train"}  # stands in for tools/generate.py output (README, SeqKD)
 SHELL_ONLY = {"export", "printf", "mkdir"}  # run as written by bash in the scratch folder (export: no effect)
 NEEDS_SLURM_ALLOCATION = ("scontrol show hostnames",)  # only meaningful inside a job; the next line is checked
 
@@ -202,7 +203,8 @@ def check_command(command: Command, root: Path, tiny) -> str:
             assert flag in script.read_text(), f"{command}\n{script.name} does not handle {flag}"
         return "bash -n"
     tool = _script(tokens, ("tools/prealign.py", "tools/alignment_report.py", "tools/export.py",
-                            "tools/evaluate.py", "tools/compare_results.py", "tools/build_mined_map.py"))
+                            "tools/evaluate.py", "tools/compare_results.py", "tools/build_mined_map.py",
+                            "tools/cache_teacher.py", "tools/generate.py", "tools/plan_scale.py"))
     prealign_sbatch = _script(tokens, ("launch/slurm/prealign.sbatch",))
     if prealign_sbatch is not None:
         tokens, tool = [sys.executable, "tools/prealign.py", *tokens[prealign_sbatch + 1:]], 1

@@ -23,6 +23,11 @@ def cases(tmp: Path) -> dict[str, list[tuple[str, list[str], str]]]:
     (damaged / "COMPLETE").write_text('{"files": {"mp_rank_00_model_states.pt": 10}}')
     rows = tmp / "rows.jsonl"
     rows.write_text('{"prompt": "p", "output": "o"}\n')
+    run_yaml = tmp / "run.yaml"  # a misspelt config key
+    run_yaml.write_text("teacher:\n  pathh: models/teacher\n")
+    plan_flags = ["--world-size", "16", "--nodes", "2", "--micro-batch-size", "4", "--seq-tokens", "256",
+                  "--rows-per-example", "150", "--train-examples", "1000", "--gpu-tflops", "989", "--mfu", "0.4",
+                  "--inter-node-gbit-per-s", "400", "--intra-node-gb-per-s", "450"]
     return {
         "alignment_report.py": [("not_prealigned", [str(tmp / "missing")], "no manifest")],
         "build_mined_map.py": [
@@ -30,6 +35,15 @@ def cases(tmp: Path) -> dict[str, list[tuple[str, list[str], str]]]:
                                 "--out", str(tmp / "m.safetensors")], "is not a folder"),
             ("not_a_tokenizer", ["--teacher-tokenizer", str(not_a_tokenizer), "--student-tokenizer",
                                  str(not_a_tokenizer), "--out", str(tmp / "m.safetensors")], "not a Hugging Face"),
+        ],
+        "cache_teacher.py": [
+            ("missing_teacher", ["--teacher", str(tmp / "missing"), "--data", str(tmp), "--out", str(tmp / "c")],
+             "model folder not found"),
+            ("missing_data", ["--teacher", str(not_a_tokenizer), "--data", str(tmp / "missing"), "--out",
+                              str(tmp / "c")], "no manifest.json"),
+            ("wrong_dtype", ["--teacher", str(not_a_tokenizer), "--data", str(tmp), "--out", str(tmp / "c"),
+                             "--dtype", "fp16"], "--dtype must be one of bf16, fp8_e4m3"),
+            ("config_key", ["--config", str(run_yaml), "--out", str(tmp / "c")], "teacher.pathh"),
         ],
         "compare_results.py": [
             ("missing_file", [str(tmp / "missing.json")], "results file not found"),
@@ -62,6 +76,13 @@ def cases(tmp: Path) -> dict[str, list[tuple[str, list[str], str]]]:
             ("unwritable_out", ["--out", str(blocked / "assets"), "--train", "2", "--valid", "1", "--test", "1"],
              str(blocked)),
             ("bad_count", ["--out", str(tmp / "assets"), "--train", "0"], "--train"),
+        ],
+        "plan_scale.py": [
+            ("missing_config", ["--teacher", str(tmp / "missing"), "--student", str(not_a_tokenizer), *plan_flags],
+             f"--teacher {tmp / 'missing'}: no such config.json"),
+            ("not_a_config", ["--teacher", str(blocked), "--student", str(blocked), *plan_flags],
+             "not a causal-LM config.json"),
+            ("bad_mfu", ["--teacher", str(tmp), "--student", str(tmp), *plan_flags, "--mfu", "1.5"], "--mfu"),
         ],
         "prealign.py": [
             ("missing_tokenizer", ["--teacher-tokenizer", str(tmp / "missing"), "--student-tokenizer",
