@@ -123,7 +123,7 @@ class StudentHead:
             return False
         param = self.head_module.weight
         if param.grad is not None:
-            param.grad.add_(total.to(param.grad.dtype))
+            param.grad.add_(total)  # casts element by element: no second full-size copy of a bf16 gradient
             return True
         full_shape = tuple(getattr(param, "ds_shape", param.shape))
         data = param.data

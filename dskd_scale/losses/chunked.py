@@ -2,30 +2,37 @@
 
 Shape legend: ``N`` rows, ``C`` rows of one chunk, ``D`` hidden size, ``V`` vocabulary.
 
-Two drivers, one per kind of head:
+Drivers, one per kind of head:
 
-- ``recomputed_chunk``: for terms whose head *trains* (the student head). Non-reentrant activation
-  checkpointing per chunk: the forward keeps none of the chunk's activations, the backward re-runs the
-  chunk and backpropagates through it inside the same autograd graph. A ZeRO-3 module call works: its
-  hooks gather the weight in both runs, and its gradient hook fires once with the sum over chunks.
-- ``eager_input_grad``: for terms whose head is *frozen* (teacher head, frozen copy of the student head).
-  The forward computes the chunk loss and, immediately, its gradient w.r.t. the head *input* ``[C, D]``,
-  then frees the logits; the backward only scales that stored gradient. No recomputation, and only a
-  ``[N, D]`` gradient is kept. Parameters used inside ``fn`` receive NO gradient on this path, by design.
+- ``recomputed_chunk``: for terms whose head *trains* and is a plain callable (e.g. a ZeRO-3 module call).
+  Non-reentrant activation checkpointing per chunk: the forward keeps none of the chunk's activations, the
+  backward re-runs the chunk and backpropagates through it inside the same autograd graph. A ZeRO-3
+  module call works: its hooks gather the weight in both runs, and its gradient hook fires once with the
+  sum over chunks. ``chunked_head_loss`` is the generic driver built on it: ``fn(*chunk_rows) -> (sum, *stats)``.
+- ``eager_input_grad`` / ``eager_head_grad``: for terms whose head is *frozen* (teacher head, frozen copy
+  of the student head). The forward computes the chunk loss and, immediately, its gradient w.r.t. the head
+  *input* ``[C, D]``, then frees the logits; the backward only scales that stored gradient. No
+  recomputation, and only a ``[N, D]`` gradient is kept. Parameters used inside the head receive NO
+  gradient on this path, by design.
+- ``fused_head_chunk``: for a trainable head given as a ``TrainableHead``. The chunk's forward forms the
+  logits, takes their gradient at once (weighted by the caller's expected loss weights), stores the
+  ``[C, D]`` input gradient and adds the weight gradient into the head's ONE ``[V, D]`` accumulator with an
+  in-place ``addmm``. The backward only checks that the received gradients are the expected weights times
+  one common factor, and records that factor; ``TrainableHead.take_gradient`` scales the accumulator once.
+  No recomputation, and exactly one ``[V, D]`` buffer however many chunks and uses. Received weights that
+  are not proportional to the expected ones (any other use of the outputs) are still exact: that chunk is
+  recomputed in the backward and the difference is added.
 
-``chunked_head_loss`` is the generic driver built on the first: ``fn(*chunk_rows) -> (sum, *stats)``.
+``eager_head_grad`` and ``fused_head_chunk`` take the head and a loss of its logits separately,
+``fn(logits_CV, *chunk_rows) -> (*loss_sums, *stats)``: one head matmul per chunk, then the loss and its
+logit gradient row block by row block, each block's gradient written over its own logits. A chunk thus
+holds one ``[C, V]`` buffer (two when the caller keeps the logits) plus the temporaries of one block of
+``C / 16`` rows, instead of the half-dozen ``[C, V]`` softmax and gradient copies of the loss maths.
 
-A third driver, ``fused_head_chunk``, serves a trainable head given as a ``TrainableHead``: the chunk's
-forward forms the logits, takes their gradient at once (weighted by the caller's expected loss weights),
-stores the ``[C, D]`` input gradient and adds the weight gradient into the head's ONE ``[V, D]``
-accumulator with an in-place ``addmm``. The backward only checks that the received gradients are the
-expected weights times one common factor, and records that factor; ``TrainableHead.take_gradient`` scales
-the accumulator once. No recomputation, and exactly one ``[V, D]`` buffer however many chunks and uses.
-Received weights that are not proportional to the expected ones (any other use of the outputs) are still
-exact: that chunk is recomputed in the backward and the difference is added.
-
-Assumptions: ``fn`` is deterministic (same output when re-run on the same inputs), and it must not
-mutate its inputs. Non-differentiable extra outputs ("stats": counts, argmax hits) are summed over chunks.
+Assumptions: ``fn`` is deterministic (same output when re-run on the same inputs), it must not mutate
+its inputs, and its rows are independent (the loss sums and per-row stats of a block do not depend on
+other rows). Non-differentiable extra outputs ("stats") are summed over chunks and blocks when 0-dim
+(counts, argmax hits) and concatenated along the rows otherwise (per-row ids).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ __all__ = [
     "HeadFn",
     "TrainableHead",
     "chunked_head_loss",
+    "eager_head_grad",
     "eager_input_grad",
     "fused_head_chunk",
     "recomputed_chunk",
@@ -53,6 +61,10 @@ LogitsFn = Callable[..., tuple[Tensor, ...]]  # fn(logits_CV, *chunk_rows) -> (*
 # Two received weights count as the expected ones times a common factor when they agree to this relative
 # precision (they differ only by fp32 rounding of the same products in the caller's loss).
 _PROPORTIONAL_RTOL = 1e-5
+# The loss maths after a head runs on row blocks of ceil(C / _ROW_BLOCKS) rows: its vocabulary-sized
+# temporaries (about seven blocks' worth for a KL with a fused CE, forward and gradient) then stay well below
+# one [C, V] buffer, while the head matmuls and the weight-gradient addmm still see the whole chunk.
+_ROW_BLOCKS = 16
 
 
 class TrainableHead:
@@ -73,6 +85,7 @@ class TrainableHead:
         self.scale: float | None = None  # received / expected weight, common to every fused use
         self.pending = 0  # fused chunks that accumulated with a non-zero weight and were not backpropagated yet
         self._leaf: Tensor | None = None
+        self._host_values: dict[int, tuple[Tensor, int, float]] = {}
 
     def __call__(self, hidden_ND: Tensor) -> Tensor:
         """Autograd path for callers that do not use the fused driver: every call shares one leaf (one
@@ -108,7 +121,19 @@ class TrainableHead:
         if leaf_grad is not None:
             total = leaf_grad if total is None else total.add_(leaf_grad.to(total.dtype))
         self.grad_sum, self.scale, self.pending, self._leaf = None, None, 0, None
+        self._host_values.clear()
         return total
+
+    def host_value(self, grad: Tensor) -> float:
+        """``float(grad)`` of a received 0-dim gradient. Every chunk of one term receives the same tensor
+        (the term is a sum of chunk outputs), so it is read once: one device sync per term and backward
+        instead of one per chunk. A tensor changed in place since (another version) is read again."""
+        known = self._host_values.get(id(grad))
+        if known is not None and known[0] is grad and known[1] == grad._version:
+            return known[2]
+        value = float(grad)
+        self._host_values[id(grad)] = (grad, grad._version, value)
+        return value
 
 
 def split_rows(tensors: Sequence[Tensor | None], chunk_size: int) -> list[list[Tensor | None]]:
@@ -201,6 +226,50 @@ def eager_input_grad(fn: ChunkFn, x_CD: Tensor, *others: Tensor | None) -> tuple
     return (loss_sum, *[e.detach() if isinstance(e, Tensor) else e for e in extras])
 
 
+class _EagerHeadGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn: LogitsFn, head: HeadFn, keep_logits: bool, x_CD: Tensor, *others: Tensor | None):
+        ctx.num_others = len(others)
+        leaf = x_CD.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits_CV = head(leaf)
+        values_CV = logits_CV.detach()
+        # Without keep_logits each row block's gradient overwrites its own logits: one [C, V] buffer.
+        dlogits_CV = torch.empty_like(values_CV) if keep_logits else values_CV
+        sums, stats, _, (written,) = _blockwise_logit_grads(fn, values_CV, others, [(1.0,)], [dlogits_CV], 1)
+        if written and logits_CV.requires_grad:
+            (grad_x,) = torch.autograd.grad(logits_CV, leaf, dlogits_CV, allow_unused=True)
+        else:
+            grad_x = None
+        del logits_CV, dlogits_CV
+        ctx.save_for_backward(torch.zeros_like(leaf) if grad_x is None else grad_x)
+        return (*sums, *stats, *([values_CV] if keep_logits else []))
+
+    @staticmethod
+    def backward(ctx, grad_sum: Tensor, *_grad_extras: Tensor):
+        (grad_x,) = ctx.saved_tensors
+        return (None, None, None, grad_sum * grad_x, *([None] * ctx.num_others))
+
+
+def eager_head_grad(
+    fn: LogitsFn, head: HeadFn, x_CD: Tensor, *others: Tensor | None, keep_logits: bool = False
+) -> tuple[Tensor, ...]:
+    """``eager_input_grad`` for a frozen head given apart from the loss: ``fn(head(x), *others)``.
+
+    The head is applied once to the whole chunk; ``fn(logits_CV, *others) -> (loss_sum, *stats)`` runs on
+    row blocks (every tensor in ``others`` is a row input, sliced with the logits), and each block's logit
+    gradient overwrites its logits before one backward through the head gives the ``[C, D]`` input
+    gradient. The head's backward must therefore not need its own output (true of a linear head; autograd
+    raises otherwise).
+
+    Returns:
+        ``(loss_sum, *stats)`` (the stats detached), plus the chunk's logits ``[C, V]`` (detached) when ``keep_logits``
+        (they are then not overwritten, at the cost of a second ``[C, V]`` buffer).
+    """
+    loss_sum, *extras = _EagerHeadGrad.apply(fn, head, keep_logits, x_CD, *others)
+    return (loss_sum, *[e.detach() for e in extras])
+
+
 def chunked_head_loss(fn: ChunkFn, *row_inputs: Tensor | None, chunk_size: int) -> tuple[Tensor, ...]:
     """Sum ``fn`` over row chunks with backward recomputation per chunk.
 
@@ -241,6 +310,78 @@ def _common_factor(received: Sequence[float], expected: Sequence[float]) -> floa
     return factor if worst <= _PROPORTIONAL_RTOL * max(abs(r) for r in received) else None
 
 
+def _mix(grads: Sequence[Tensor | None], weights: Sequence[float]) -> Tensor | None:
+    total = None
+    for grad, weight in zip(grads, weights, strict=True):
+        if grad is None or weight == 0.0:
+            continue
+        total = grad * weight if total is None else total.add_(grad, alpha=weight)
+    return total
+
+
+def _row_slice(value, rows: slice):
+    return value[rows] if isinstance(value, Tensor) and value.dim() > 0 else value
+
+
+def _blockwise_logit_grads(
+    fn: LogitsFn,
+    logits_CV: Tensor,
+    others: Sequence,
+    weight_sets: Sequence[Sequence[float]],
+    outs: Sequence[Tensor],
+    num_losses: int,
+) -> tuple[list[Tensor], list[Tensor], list[bool], list[bool]]:
+    """Evaluate ``fn(logits, *others)`` row block by row block, with logit gradients.
+
+    For each weight set ``k``, ``outs[k]`` receives ``sum_i weight_sets[k][i] * d loss_i / d logits`` (zeros
+    where nothing contributes). An out may be ``logits_CV`` itself: a block's logits are read before its
+    gradient overwrites them.
+
+    Returns:
+        the loss sums (detached), the stats (0-dim ones summed, others concatenated along the rows), which
+        losses carry gradient, and which outs received any gradient.
+    """
+    rows = logits_CV.shape[0]
+    step = max(1, -(-rows // _ROW_BLOCKS))
+    sums: list[Tensor] = []
+    stat_parts: list[list[Tensor]] = []
+    active = [False] * num_losses
+    written = [False] * len(outs)
+    overwrites = any(out is logits_CV for out in outs)
+    storage = logits_CV.untyped_storage().data_ptr()
+    for start in range(0, max(rows, 1), step):  # one (empty) block when there are no rows
+        block = slice(start, start + step)
+        with torch.enable_grad():
+            leaf = logits_CV[block].detach().requires_grad_(True)
+            outputs = fn(leaf, *[_row_slice(o, block) for o in others])
+            losses = outputs[:num_losses]
+            live = [loss.requires_grad for loss in losses]
+            if len(weight_sets) == 1:  # one gradient of the weighted sum: a single block-sized buffer
+                weighted = [w * loss for w, loss, on in zip(weight_sets[0], losses, live, strict=True) if on and w]
+                grads = [torch.autograd.grad(sum(weighted), leaf)[0] if weighted else None]
+            else:
+                per_loss = _loss_gradients(losses, leaf)
+                grads = [_mix(per_loss, weights) for weights in weight_sets]
+        stats = [o.detach() for o in outputs[num_losses:]]
+        if overwrites and any(t.numel() and t.untyped_storage().data_ptr() == storage for t in stats):
+            raise RuntimeError("a loss of the logits returned a view of its logits as a stat; they are overwritten")
+        for k, (out, grad) in enumerate(zip(outs, grads, strict=True)):
+            if grad is None:
+                out[block].zero_()
+            else:
+                out[block].copy_(grad)
+                written[k] = True
+        active = [a or on for a, on in zip(active, live, strict=True)]
+        block_sums = [loss.detach() for loss in losses]
+        sums = [a + b for a, b in zip(sums, block_sums, strict=True)] if sums else block_sums
+        for index, stat in enumerate(stats):
+            if index == len(stat_parts):
+                stat_parts.append([])
+            stat_parts[index].append(stat)
+    merged = [sum(parts[1:], parts[0]) if parts[0].dim() == 0 else torch.cat(parts) for parts in stat_parts]
+    return sums, merged, active, written
+
+
 def _loss_gradients(losses: Sequence[Tensor], logits_CV: Tensor) -> list[Tensor | None]:
     """d loss_i / d logits for each loss (None where a loss does not depend on the logits)."""
     grads: list[Tensor | None] = []
@@ -254,45 +395,33 @@ def _loss_gradients(losses: Sequence[Tensor], logits_CV: Tensor) -> list[Tensor 
     return grads
 
 
-def _mix(grads: Sequence[Tensor | None], weights: Sequence[float]) -> Tensor | None:
-    total = None
-    for grad, weight in zip(grads, weights, strict=True):
-        if grad is None or weight == 0.0:
-            continue
-        total = grad * weight if total is None else total.add_(grad, alpha=weight)
-    return total
-
-
 class _FusedHeadChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, first_fn, head, expected, hidden_CD, *others):
+    def forward(ctx, fn, head, expected, num_first_rows, hidden_CD, *row_inputs):
         num_losses = len(expected)
-        with torch.enable_grad():
-            logits_CV = head.logits(hidden_CD.detach()).detach().requires_grad_(True)
-            outputs = first_fn(logits_CV, *others)
-            losses = outputs[:num_losses]
-            # A loss that does not depend on the logits (e.g. a CE with no labels) carries no gradient: its
-            # expected weight is irrelevant, and so is whatever the caller backpropagates into it.
-            expected = tuple(e if loss.requires_grad else 0.0 for e, loss in zip(expected, losses, strict=True))
-            # One gradient of the weighted sum: a single [C, V] gradient buffer instead of one per loss.
-            weighted = [e * loss for e, loss in zip(expected, losses, strict=True) if e != 0.0]
-            dlogits_CV = torch.autograd.grad(sum(weighted), logits_CV)[0] if weighted else None
-        if dlogits_CV is None:
-            grad_hidden = torch.zeros_like(hidden_CD)
-        else:
-            grad_hidden = (dlogits_CV.to(head.weight.dtype) @ head.weight).to(hidden_CD.dtype)
-            head.accumulate(dlogits_CV, hidden_CD)
+        others = row_inputs[: len(row_inputs) - num_first_rows]
+        logits_CV = head.logits(hidden_CD.detach())
+        # The weighted gradient of each row block overwrites its logits: one [C, V] buffer for the chunk.
+        sums, stats, active, (written,) = _blockwise_logit_grads(
+            fn, logits_CV, row_inputs, [expected], [logits_CV], num_losses
+        )
+        # A loss that does not depend on the logits (e.g. a CE with no labels) carries no gradient: its
+        # expected weight is irrelevant, and so is whatever the caller backpropagates into it.
+        expected = tuple(e if on else 0.0 for e, on in zip(expected, active, strict=True))
+        if written:
+            grad_hidden = (logits_CV.to(head.weight.dtype) @ head.weight).to(hidden_CD.dtype)
+            head.accumulate(logits_CV, hidden_CD)
             head.pending += 1
-        ctx.counted = dlogits_CV is not None
-        del logits_CV, dlogits_CV
-        ctx.fn, ctx.head, ctx.expected = fn, head, expected
-        ctx.active = [loss.requires_grad for loss in losses]
-        ctx.num_others = len(others)
+        else:
+            grad_hidden = torch.zeros_like(hidden_CD)
+        ctx.counted = written
+        del logits_CV
+        ctx.fn, ctx.head, ctx.expected, ctx.active = fn, head, expected, active
+        ctx.num_inputs = len(row_inputs)
         ctx.save_for_backward(hidden_CD, grad_hidden, *[o if isinstance(o, Tensor) else None for o in others])
         ctx.other_values = [None if isinstance(o, Tensor) else o for o in others]
-        stats = [o.detach() for o in outputs[num_losses:]]
         ctx.mark_non_differentiable(*stats)
-        return (*[loss.detach() for loss in losses], *stats)
+        return (*sums, *stats)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -301,40 +430,40 @@ class _FusedHeadChunk(torch.autograd.Function):
         hidden_CD, grad_hidden, *saved = ctx.saved_tensors
         others = [s if s is not None else v for s, v in zip(saved, ctx.other_values, strict=True)]
         received = [
-            0.0 if g is None or not active else float(g)
+            0.0 if g is None or not active else head.host_value(g)
             for g, active in zip(grad_outputs[: len(expected)], ctx.active, strict=True)
         ]
         factor = _common_factor(received, expected)
-        none_for_others = [None] * ctx.num_others
+        no_grads = (None, None, None, None)
+        none_for_inputs = [None] * ctx.num_inputs
         if factor == 0.0:  # nothing received (the outputs were not used): take this use's share back out
             if any(expected):
                 # The accumulator is scaled by the common factor later; a zero contribution needs
                 # delta = 0 / scale - expected = -expected whatever that factor turns out to be.
-                share = _mix(_FusedHeadChunk._recompute(ctx, hidden_CD, others), expected)
-                if share is not None:
-                    head.accumulate(share, hidden_CD, alpha=-1.0)
-            return (None, None, None, None, torch.zeros_like(hidden_CD), *none_for_others)
+                share_CV = head.logits(hidden_CD)
+                _, _, _, (written,) = _blockwise_logit_grads(
+                    ctx.fn, share_CV, others, [expected], [share_CV], len(expected)
+                )
+                if written:
+                    head.accumulate(share_CV, hidden_CD, alpha=-1.0)
+            return (*no_grads, torch.zeros_like(hidden_CD), *none_for_inputs)
         if head.scale is None:
             head.scale = factor if factor is not None else 1.0
         if factor is not None and abs(factor - head.scale) <= _PROPORTIONAL_RTOL * abs(head.scale):
-            return (None, None, None, None, grad_hidden * factor, *none_for_others)
+            return (*no_grads, grad_hidden * factor, *none_for_inputs)
         # Not the expected weights: recompute this chunk and add the difference (exact, slower).
-        grads = _FusedHeadChunk._recompute(ctx, hidden_CD, others)
         delta = [r / head.scale - e for r, e in zip(received, expected, strict=True)]
-        for_weight = _mix(grads, delta)
-        if for_weight is not None:
-            head.accumulate(for_weight, hidden_CD)
-        for_hidden = _mix(grads, received)
-        if for_hidden is None:
-            return (None, None, None, None, torch.zeros_like(hidden_CD), *none_for_others)
-        grad = (for_hidden.to(head.weight.dtype) @ head.weight).to(hidden_CD.dtype)
-        return (None, None, None, None, grad, *none_for_others)
-
-    @staticmethod
-    def _recompute(ctx, hidden_CD: Tensor, others: list) -> list[Tensor | None]:
-        with torch.enable_grad():
-            logits_CV = ctx.head.logits(hidden_CD).detach().requires_grad_(True)
-            return _loss_gradients(ctx.fn(logits_CV, *others)[: len(ctx.expected)], logits_CV)
+        for_weight_CV = head.logits(hidden_CD)
+        for_hidden_CV = torch.empty_like(for_weight_CV)
+        _, _, _, (weight_written, hidden_written) = _blockwise_logit_grads(
+            ctx.fn, for_weight_CV, others, [delta, received], [for_weight_CV, for_hidden_CV], len(expected)
+        )
+        if weight_written:
+            head.accumulate(for_weight_CV, hidden_CD)
+        if not hidden_written:
+            return (*no_grads, torch.zeros_like(hidden_CD), *none_for_inputs)
+        grad = (for_hidden_CV.to(head.weight.dtype) @ head.weight).to(hidden_CD.dtype)
+        return (*no_grads, grad, *none_for_inputs)
 
 
 def fused_head_chunk(
@@ -343,12 +472,13 @@ def fused_head_chunk(
     hidden_CD: Tensor,
     *others: Tensor | None,
     expected_weights: Sequence[float],
-    first_pass_fn: LogitsFn | None = None,
+    first_pass_rows: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, ...]:
     """One chunk of a trainable-head loss, with the weight gradient accumulated in ``head`` during the forward.
 
     Args:
-        fn: ``fn(logits_CV, *others) -> (*loss_sums, *stats)``; ``len(expected_weights)`` leading losses.
+        fn: ``fn(logits_CV, *others) -> (*loss_sums, *stats)``; ``len(expected_weights)`` leading losses. It
+            runs on row blocks of the chunk (every tensor in ``others`` is a row input).
         head: the ``TrainableHead``; its weight gets gradient only through ``head.take_gradient()``.
         hidden_CD: the chunk's head input (gradient flows to it through autograd as usual).
         others: further chunk inputs (labels, masks, targets); they get no gradient.
@@ -357,7 +487,9 @@ def fused_head_chunk(
             known. Any value gives exact gradients, provided an output given a non-zero weight is
             backpropagated (``take_gradient`` raises otherwise); the right one avoids recomputing the chunk
             in the backward.
-        first_pass_fn: optional replacement of ``fn`` for the forward (it may reuse values the caller holds).
+        first_pass_rows: row inputs appended to ``others`` in the forward only (values the caller already
+            holds, e.g. target logits computed for another term); a recomputation in the backward calls
+            ``fn`` without them, so ``fn`` must then rebuild them, identically. They are not kept.
 
     Returns:
         the outputs of ``fn``; the stats are detached.
@@ -366,6 +498,6 @@ def fused_head_chunk(
     if not torch.is_grad_enabled() or not hidden_CD.requires_grad:
         # Nothing will be backpropagated: plain evaluation, no accumulation.
         with torch.no_grad():
-            outputs = (first_pass_fn or fn)(head.logits(hidden_CD), *others)
+            outputs = fn(head.logits(hidden_CD), *others, *first_pass_rows)
         return tuple(o.detach() for o in outputs)
-    return _FusedHeadChunk.apply(fn, first_pass_fn or fn, head, expected, hidden_CD, *others)
+    return _FusedHeadChunk.apply(fn, head, expected, len(first_pass_rows), hidden_CD, *others, *first_pass_rows)

@@ -45,7 +45,7 @@ from torch import Tensor
 from dskd_scale.losses.chunked import (
     HeadFn,
     TrainableHead,
-    eager_input_grad,
+    eager_head_grad,
     fused_head_chunk,
     recomputed_chunk,
     split_rows,
@@ -116,33 +116,30 @@ def map_teacher_ids(teacher_ids_N: Tensor, teacher_to_student_ids: Tensor) -> Te
     return torch.where(inside, looked_up, torch.full_like(looked_up, -1))
 
 
-def _s2t_chunk(
-    mapped_student_CE: Tensor,
+def _s2t_terms(
+    logits_CW: Tensor,
     teacher_logits_CW: Tensor,
     teacher_pred_C: Tensor,
     rows_used_C: Tensor | None,
     *,
-    teacher_head: HeadFn,
     row_divergence: RowDivergence,
     params: DivergenceParams,
 ) -> tuple[Tensor, Tensor]:
-    logits_CW = teacher_head(mapped_student_CE)
+    """kd_s2t from the teacher-head logits of the mapped student rows (+ argmax hits)."""
     rows_C = row_divergence(logits_CW, teacher_logits_CW, params)
     loss_sum = (rows_C if rows_used_C is None else torch.where(rows_used_C, rows_C, 0.0)).sum()
     return loss_sum, (logits_CW.argmax(-1) == teacher_pred_C).sum()
 
 
-def _t2s_ce_chunk(
-    projected_teacher_CD: Tensor, mapped_label_C: Tensor, *, student_head_frozen: HeadFn
-) -> tuple[Tensor, Tensor, Tensor]:
-    logits_CV = student_head_frozen(projected_teacher_CD)
+def _t2s_ce_terms(logits_CV: Tensor, mapped_label_C: Tensor) -> tuple[Tensor, Tensor]:
+    """ce_t2s from the frozen student-head logits of the projected teacher rows (+ their argmax)."""
     if mapped_label_C.numel() and int(mapped_label_C.max()) >= logits_CV.shape[-1]:
         raise ValueError(
             f"teacher_to_student_ids maps to student id {int(mapped_label_C.max())}, but the student head has "
             f"only {logits_CV.shape[-1]} rows"
         )
     ce_sum = F.cross_entropy(at_least_fp32(logits_CV), mapped_label_C, ignore_index=-1, reduction="sum")
-    return ce_sum, logits_CV.argmax(-1), logits_CV.detach()
+    return ce_sum, logits_CV.argmax(-1)
 
 
 def _student_terms(
@@ -151,8 +148,8 @@ def _student_terms(
     kd_mask_C: Tensor | None,
     labels_C: Tensor | None,
     mapped_label_C: Tensor,
+    target_logits_CV: Tensor | None = None,
     *,
-    target_logits_CV: Tensor | None,
     student_head_frozen: HeadFn,
     row_divergence: RowDivergence,
     params: DivergenceParams,
@@ -271,17 +268,20 @@ def dskd_loss(
             mapped_label_C = map_teacher_ids(teacher_pred_C, id_map)
         sums["t2s_label_coverage"] += (mapped_label_C >= 0).sum()
         if use_teacher_space:
-            s2t_fn = partial(_s2t_chunk, teacher_head=teacher_head, row_divergence=row_divergence, params=params)
+            s2t_fn = partial(_s2t_terms, row_divergence=row_divergence, params=params)
             s2t_rows_C = mapped_label_C >= 0 if options.mapped_rows_only else None
-            kd_s2t, s2t_hits = eager_input_grad(s2t_fn, mapped_s, teacher_logits_CW, teacher_pred_C, s2t_rows_C)
+            kd_s2t, s2t_hits = eager_head_grad(
+                s2t_fn, teacher_head, mapped_s, teacher_logits_CW, teacher_pred_C, s2t_rows_C
+            )
             sums["kd_s2t"] = sums["kd_s2t"] + kd_s2t
             sums["s2t_acc"] += s2t_hits
         del teacher_logits_CW
 
         target_logits_CV, kd_mask_C = None, None
         if use_student_space:
-            ce_fn = partial(_t2s_ce_chunk, student_head_frozen=student_head_frozen)
-            ce_t2s, t2s_pred_C, target_logits_CV = eager_input_grad(ce_fn, projected_t, mapped_label_C)
+            ce_t2s, t2s_pred_C, target_logits_CV = eager_head_grad(
+                _t2s_ce_terms, student_head_frozen, projected_t, mapped_label_C, keep_logits=True
+            )
             agree_C = (t2s_pred_C == mapped_label_C) & (mapped_label_C >= 0)
             if options.agreement_mask:
                 kd_mask_C = agree_C
@@ -303,12 +303,12 @@ def dskd_loss(
         )
         if isinstance(student_head, TrainableHead):
             kd_t2s, ce, hits = fused_head_chunk(
-                partial(_student_terms, target_logits_CV=None, **terms_kw),
+                partial(_student_terms, **terms_kw),
                 student_head,
                 student_h,
                 *chunk_rows,
                 expected_weights=(weights.get("kd_t2s", 0.0), weights.get("ce", 0.0)),
-                first_pass_fn=partial(_student_terms, target_logits_CV=target_logits_CV, **terms_kw),
+                first_pass_rows=(target_logits_CV,),
             )
         else:
             student_fn = partial(_student_chunk, student_head=student_head, **terms_kw)
