@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dskd_scale.losses.fused_kl import gradients_in_forward
+
 __all__ = [
     "HeadFn",
     "TrainableHead",
@@ -100,12 +102,15 @@ class TrainableHead:
 
     def accumulate(self, dlogits_CV: Tensor, hidden_CD: Tensor, *, alpha: float = 1.0) -> None:
         """``grad_sum += alpha * dlogits^T @ h`` in place (allocates the buffer on first use)."""
-        if self.grad_sum is None:
+        first = self.grad_sum is None
+        if first:
             # bf16/fp16 heads accumulate in fp32: the sum runs over every chunk of every term, and rounding each
             # partial sum to 8 mantissa bits would lose the small chunks' contributions
-            self.grad_sum = torch.zeros_like(self.weight, dtype=torch.promote_types(self.weight.dtype, torch.float32))
+            self.grad_sum = torch.empty_like(self.weight, dtype=torch.promote_types(self.weight.dtype, torch.float32))
         dtype = self.grad_sum.dtype
-        self.grad_sum.addmm_(dlogits_CV.t().to(dtype), hidden_CD.detach().to(dtype), alpha=alpha)
+        # beta=0 on first use: addmm then ignores the uninitialised buffer (no zero fill of the [V, D] buffer)
+        beta = 0.0 if first else 1.0
+        self.grad_sum.addmm_(dlogits_CV.t().to(dtype), hidden_CD.detach().to(dtype), beta=beta, alpha=alpha)
 
     def take_gradient(self) -> Tensor | None:
         """The weight gradient of the finished backward, or None; resets the head for the next one."""
@@ -351,7 +356,8 @@ def _blockwise_logit_grads(
     storage = logits_CV.untyped_storage().data_ptr()
     for start in range(0, max(rows, 1), step):  # one (empty) block when there are no rows
         block = slice(start, start + step)
-        with torch.enable_grad():
+        # The block's backward follows at once: a fused KL may finish its gradient in the forward pass.
+        with torch.enable_grad(), gradients_in_forward():
             leaf = logits_CV[block].detach().requires_grad_(True)
             outputs = fn(leaf, *[_row_slice(o, block) for o in others])
             losses = outputs[:num_losses]

@@ -153,14 +153,17 @@ def _all_finite(*tensors: Tensor) -> bool:
 def _kl_rows(student_logits_NV: Tensor, target_logits_NV: Tensor, params: DivergenceParams, *, reverse: bool) -> Tensor:
     """KL(p || q) (``reverse=False``) or KL(q || p) per row, fp32 ``[N]``; finite input takes the fused path."""
     _check_shapes(student_logits_NV, target_logits_NV)
-    if _all_finite(student_logits_NV, target_logits_NV):
-        return fused_kl_rows(
-            student_logits_NV,
-            target_logits_NV,
-            reverse=reverse,
-            temperature=params.temperature,
-            target_temperature=params.target_temperature or params.temperature,
-        )
+    rows_N = fused_kl_rows(
+        student_logits_NV,
+        target_logits_NV,
+        reverse=reverse,
+        temperature=params.temperature,
+        target_temperature=params.target_temperature or params.temperature,
+    )
+    # A -inf (or NaN) logit makes its fused row non-finite (a 0 * inf or inf - inf), so checking the [N] rows
+    # replaces two full-size scans of the logits on valid input; the scans then only decide the rare case.
+    if bool(torch.isfinite(rows_N).all()) or _all_finite(student_logits_NV, target_logits_NV):
+        return rows_N
     s = _Sides(student_logits_NV, target_logits_NV, params)
     return _kl(s.q, s.log_q, s.log_p) if reverse else _kl(s.p, s.log_p, s.log_q)
 
