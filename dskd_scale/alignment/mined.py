@@ -516,10 +516,11 @@ def mined_alignment(
     """
     student_ids = np.asarray(student_input_ids, dtype=np.int64)
     teacher_ids = np.asarray(teacher_input_ids, dtype=np.int64)
+    # A label at position 0 has no predicting position; prealignment writes such rows on purpose (a response too
+    # long for max_length keeps no prompt), and no loss reads that label, so it takes no part in the alignment.
     student_pos = np.flatnonzero(np.asarray(student_labels) != ignore_index)
     teacher_pos = np.flatnonzero(np.asarray(teacher_labels) != ignore_index)
-    if len(student_pos) and student_pos[0] < 1 or len(teacher_pos) and teacher_pos[0] < 1:
-        raise ValueError("a response label at position 0 has no predicting position (labels must not be shifted)")
+    student_pos, teacher_pos = student_pos[student_pos >= 1], teacher_pos[teacher_pos >= 1]
     matched = dtw_align(
         [teacher_vocab_bytes[t] for t in teacher_ids[teacher_pos]],
         [student_vocab_bytes[s] for s in student_ids[student_pos]],
