@@ -31,7 +31,7 @@ from dskd_scale.data.format import (
     write_manifest,
 )
 from dskd_scale.prealign.batch_rows import build_rows
-from dskd_scale.prealign.process_group import ProcessGroup, SingleProcess
+from dskd_scale.prealign.process_group import ProcessGroup, SingleProcess, raise_if_any_failed
 from dskd_scale.prealign.prompts import (
     CHAT_TEMPLATE_SOURCES,
     PromptFormat,
@@ -361,11 +361,7 @@ def run_prealign(config: PrealignConfig, group: ProcessGroup | None = None) -> d
         local_failure: Exception | None = failure
     else:
         local_failure = None
-    errors = [e for e in group.allgather(error) if e is not None]
-    if local_failure is not None:
-        raise local_failure
-    if errors:
-        raise PrealignError("prealignment failed on another rank: " + "; ".join(errors))
+    raise_if_any_failed(group, error, local_failure, PrealignError, "prealignment")
 
     manifest_error: str | None = None
     manifest: dict[str, Any] | None = None

@@ -103,3 +103,14 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def raise_if_any_failed(group: ProcessGroup, error: str | None, local_failure: BaseException | None,
+                        failure_type: type[Exception], what: str) -> None:
+    """Collective: every rank passes its own failure message (or None). A rank re-raises its own failure; the others
+    raise ``failure_type`` naming every failed rank's message, so no rank goes on while another has stopped."""
+    errors = [e for e in group.allgather(error) if e is not None]
+    if local_failure is not None:
+        raise local_failure
+    if errors:
+        raise failure_type(f"{what} failed on another rank: " + "; ".join(errors))

@@ -79,18 +79,25 @@ def write_shard_record(out_dir: Path, shard: int, record: dict[str, Any]) -> Non
     atomic_write_bytes(path, canonical_json_bytes(record))
 
 
-def read_complete_record(out_dir: Path, shard: int, plan: str) -> dict[str, Any] | None:
-    """The shard's record if the shard is complete for ``plan`` and its file checks out, else None."""
-    path = shard_record_path(out_dir, shard)
+def read_complete_record(out_dir: Path, shard: int, plan: str, *, record_file: Path | None = None,
+                         file_keys: tuple[tuple[str, str], ...] = (("file", "sha256"),)) -> dict[str, Any] | None:
+    """The shard's record if the shard is complete for ``plan`` and its files check out, else None.
+
+    ``record_file`` (default: the prealignment record of ``shard``) names where the record lives and
+    ``file_keys`` which ``(file name, sha256)`` fields of the record name the shard's files (the teacher cache's
+    shards have two files).
+    """
+    path = record_file or shard_record_path(out_dir, shard)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if not isinstance(record, dict) or record.get("plan") != plan or record.get("shard") != shard:
         return None
-    shard_path = out_dir / str(record.get("file"))
-    if not shard_path.is_file() or file_sha256(shard_path) != record.get("sha256"):
-        return None
+    for file_key, sha_key in file_keys:
+        shard_path = out_dir / str(record.get(file_key))
+        if not shard_path.is_file() or file_sha256(shard_path) != record.get(sha_key):
+            return None
     return record
 
 

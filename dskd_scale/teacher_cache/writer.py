@@ -39,8 +39,8 @@ from dskd_scale.data.format import (
     temporary_path,
     write_manifest,
 )
-from dskd_scale.prealign.process_group import ProcessGroup, SingleProcess
-from dskd_scale.prealign.shards import shard_range
+from dskd_scale.prealign.process_group import ProcessGroup, SingleProcess, raise_if_any_failed
+from dskd_scale.prealign.shards import read_complete_record, shard_range
 from dskd_scale.teacher_cache.format import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -170,17 +170,8 @@ def _plan_key(identity: dict[str, Any]) -> str:
 
 def _read_complete_record(out_dir: Path, shard: int, plan: str) -> dict[str, Any] | None:
     """The shard's record if it names ``plan`` and both shard files still match their checksums, else None."""
-    try:
-        record = json.loads(record_path(out_dir, shard).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("plan") != plan or record.get("shard") != shard:
-        return None
-    for key in ("index", "hidden"):
-        path = out_dir / str(record.get(f"{key}_file"))
-        if not path.is_file() or file_sha256(path) != record.get(f"{key}_sha256"):
-            return None
-    return record
+    return read_complete_record(out_dir, shard, plan, record_file=record_path(out_dir, shard),
+                                file_keys=(("index_file", "index_sha256"), ("hidden_file", "hidden_sha256")))
 
 
 def _shard_files(out_dir: Path, shard: int) -> list[Path]:
@@ -430,11 +421,7 @@ def run_cache_teacher(config: CacheWriteConfig, group: ProcessGroup | None = Non
 
 
 def _raise_if_any_failed(group: ProcessGroup, error: str | None, local_failure: BaseException | None) -> None:
-    errors = [e for e in group.allgather(error) if e is not None]
-    if local_failure is not None:
-        raise local_failure
-    if errors:
-        raise CacheWriteError("writing the teacher cache failed on another rank: " + "; ".join(errors))
+    raise_if_any_failed(group, error, local_failure, CacheWriteError, "writing the teacher cache")
 
 
 def _hidden_size(model_config) -> int:
