@@ -114,3 +114,18 @@ def logits_tolerance(config, logits, dtype=None) -> dict[str, float]:
     chain = layers * (3 * hidden + logits.shape[1] + inner) + hidden
     bound = chain * torch.finfo(dtype or logits.dtype).eps
     return {"rtol": 0.0, "atol": bound * max(float(logits.abs().max()), 1.0)}
+
+
+def reference_greedy(model, prompt: list[int], new_tokens: int, eos_id: int) -> list[int]:
+    """Greedy decoding from its definition: one prompt, no padding, no KV cache, argmax of the last logits."""
+    import torch
+
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(token)
+            ids.append(token)
+            if token == eos_id:
+                break
+    return out

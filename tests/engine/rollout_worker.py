@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from engine_helpers import reference_greedy  # this script's folder is on sys.path when it runs
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -30,18 +31,6 @@ PROMPTS = [  # rank r takes PROMPTS[r::2]: different prompt lengths in each batc
     "List three fruits, separated by commas, and say which one is the sweetest.",
     "Hi",
 ]
-
-
-@torch.no_grad()
-def reference_greedy(model, prompt: list[int], new_tokens: int, eos_id: int) -> list[int]:
-    ids, out = list(prompt), []
-    for _ in range(new_tokens):
-        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        out.append(token)
-        ids.append(token)
-        if token == eos_id:
-            break
-    return out
 
 
 def truncated(tokens: list[int], eos_id: int) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_helpers import PROJECT_ROOT, TIMEOUT_S, check, run_env
+from engine_helpers import PROJECT_ROOT, TIMEOUT_S, check, reference_greedy, run_env
 
 from dskd_scale.engine.rollout import SamplingSettings, filtered_probs, next_tokens, sample_from
 
@@ -111,19 +111,6 @@ def test_prompt_plus_new_tokens_beyond_the_positions_is_refused():
 
 # ---- one process, unpartitioned model (the ZeRO-0/1/2 path) ----------------------------------------
 
-@torch.no_grad()
-def _reference_greedy(model, prompt, new_tokens: int, eos_id: int) -> list[int]:
-    """Greedy decoding from its definition: one prompt, no padding, no KV cache, argmax of the last logits."""
-    ids, out = list(prompt), []
-    for _ in range(new_tokens):
-        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        out.append(token)
-        ids.append(token)
-        if token == eos_id:
-            break
-    return out
-
-
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_left_padded_kv_cache_decoding_equals_unpadded_greedy_on_a_plain_model(architecture):
     """Rotary (Llama) and learned (GPT-2) positions: left padding with position ids counted from each row's first
@@ -146,7 +133,7 @@ def test_left_padded_kv_cache_decoding_equals_unpadded_greedy_on_a_plain_model(a
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     prompts = [np.array([5, 9, 11, 3, 7, 8, 2]), np.array([4]), np.array([30, 31, 32])]
     model.eval()
-    reference = [_reference_greedy(model, p.tolist(), 6, eos_id=-1) for p in prompts]
+    reference = [reference_greedy(model, p.tolist(), 6, eos_id=-1) for p in prompts]
     model.train()
     engines = SimpleNamespace(student_module=SimpleNamespace(causal_lm=model))
     got = generate_rollouts(engines, prompts, SamplingSettings(max_new_tokens=6, temperature=0.0),
