@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """`make demo`: distil a teacher into a smaller student with a different tokenizer, end to end, on CPU.
 
-The setting is the one distillation exists for: the teacher knows more than the student's own labels show. The
-teacher is trained on a large clean set (3000 examples); the student gets only a small set of its own (500
-examples) in which 40 % of the answers carry a typical annotator's mistake (a wrong capital, a sum off by one, words
-left unreversed, ...). Both students see exactly the same examples, steps, batch and learning rate; one learns from
-the labels alone (SFT), the other from the labels and the teacher (DSKD with exact token alignment, alpha = weight
-of the teacher). Validation and test sets are clean; choices were made without the test split.
+The setting is the one distillation exists for: the teacher knows more than the student's own labels show. Every
+question asks for a fact (the capital, language or flag colour of an invented country, the opposite of a word;
+``dskd_scale/demo/knowledge.py``). The teacher learns the facts from a large clean set (3000 examples). The student
+gets a small set of its own (600 examples, each fact asked about 7 times) in which 40 % of the answers state a
+wrong fact, as a hurried annotator would. Both students see exactly the same examples, steps, batch and learning
+rate; one learns from the labels alone (SFT), the other from the labels and the teacher (DSKD with exact token
+alignment, alpha = weight of the teacher). Validation and test sets are clean and ask the same facts again; every
+choice was made on the validation split, never on the test split.
 
 Every step runs the product's own entry points, the way a user would:
 
@@ -112,10 +114,27 @@ def held_out_ce(run_dir: Path) -> float | None:
     return value
 
 
-def summarise(runs: dict[str, list[tuple[int, Path, Path | None]]]) -> dict[str, dict]:
+def exact_match_by_task(results_file: Path, test_file: Path) -> dict[str, float]:
+    """Exact match (%) per ``task`` of the test rows, from the evaluation's per-example records."""
+    from dskd_scale.eval.results import read_results
+
+    with open(test_file, encoding="utf-8") as handle:
+        tasks = [json.loads(line)["task"] for line in handle]
+    records = Path(read_results(results_file)["records_dir"]) / "demo.greedy.jsonl"
+    hits: dict[str, list[float]] = {}
+    with open(records, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            hits.setdefault(tasks[record["index"]], []).append(record["exact_match"])
+    return {task: statistics.fmean(values) for task, values in sorted(hits.items())}
+
+
+def summarise(runs: dict[str, list[tuple[int, Path, Path | None]]], test_file: Path | None = None
+              ) -> dict[str, dict]:
     """``{name: {rouge_l, rouge_l_std, exact_match, exact_match_std, eval_ce, seeds, per_seed}}`` over seeds.
 
-    ``eval_ce`` is read from the run folder's metrics; a run given without a folder has none.
+    ``eval_ce`` is read from the run folder's metrics; a run given without a folder has none. With ``test_file``
+    (rows with a ``task``) every model also gets ``exact_match_by_task``, the seed mean per task.
     """
     from dskd_scale.eval.results import read_results
 
@@ -126,11 +145,17 @@ def summarise(runs: dict[str, list[tuple[int, Path, Path | None]]]) -> dict[str,
             metrics = read_results(results_file)["suites"]["demo"]["metrics"]
             per_seed.append({"seed": seed, "rouge_l": metrics["rougeL"], "exact_match": metrics["exact_match"],
                              "eval_ce": held_out_ce(run_dir) if run_dir is not None else None})
+            if test_file is not None:
+                per_seed[-1]["exact_match_by_task"] = exact_match_by_task(results_file, test_file)
         row = {"seeds": [r["seed"] for r in per_seed], "per_seed": per_seed}
         for key in ("rouge_l", "exact_match", "eval_ce"):
             values = [r[key] for r in per_seed if r[key] is not None]
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if test_file is not None:
+            row["exact_match_by_task"] = {task: statistics.fmean(r["exact_match_by_task"].get(task, 0.0)
+                                                                 for r in per_seed)
+                                          for task in per_seed[0]["exact_match_by_task"]}
         summary[name] = row
     return summary
 
@@ -144,6 +169,16 @@ def print_table(summary: dict[str, dict], test_examples: int) -> None:
     header = ["model", "seeds", f"ROUGE-L (test, {test_examples})", "exact match", "held-out CE"]
     rows = [[name, ",".join(map(str, row["seeds"])), cell(row, "rouge_l"), cell(row, "exact_match"),
              cell(row, "eval_ce")] for name, row in summary.items()]
+    print_columns(header, rows)
+    by_task = {name: row["exact_match_by_task"] for name, row in summary.items() if "exact_match_by_task" in row}
+    if by_task:
+        tasks = list(next(iter(by_task.values())))
+        print("\nexact match by task (seed means)")
+        print_columns(["model", *tasks], [[name, *(f"{values.get(task, 0.0):.1f}" for task in tasks)]
+                                          for name, values in by_task.items()])
+
+
+def print_columns(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
@@ -216,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in students:
         runs[name] = [(seed, evaluate(f"{name}_seed{seed}", out / name / f"seed{seed}" / "export", test_file, out,
                                       logs, args.eval_limit), out / name / f"seed{seed}") for seed in seeds]
-    summary = summarise(runs)
+    summary = summarise(runs, test_file)
     print(f"\n=== held-out demo test set (greedy decoding; students: mean ± std over seeds {args.seeds}; "
           "students' held-out CE on the clean validation set)")
     print_table(summary, args.eval_limit)

@@ -47,3 +47,30 @@ def test_summary_averages_seeds_and_takes_the_last_eval_ce(tmp_path):
     assert student["eval_ce"] == pytest.approx(1.5)  # last logged eval/ce of each run: 2.0 and 1.0
     teacher = summary["teacher"]
     assert teacher["rouge_l"] == 50.0 and teacher["rouge_l_std"] == 0.0 and teacher["eval_ce"] is None
+
+
+def test_exact_match_by_task_reads_the_records_and_averages_seeds(tmp_path):
+    from dskd_scale.eval.results import RESULTS_FORMAT, RESULTS_FORMAT_VERSION
+
+    demo = load_demo()
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"task": task}) + "\n" for task in ("flag", "capital", "flag", "flag")))
+
+    def fake_eval(name: str, hits: list[float]) -> Path:
+        records = tmp_path / f"{name}_records"
+        records.mkdir()
+        # Records in another order than the test rows: the task is looked up by each record's index.
+        order = [3, 1, 0, 2]
+        (records / "demo.greedy.jsonl").write_text(
+            "".join(json.dumps({"index": i, "exact_match": hits[i]}) + "\n" for i in order))
+        results = tmp_path / f"{name}.json"
+        results.write_text(json.dumps({"format": RESULTS_FORMAT, "format_version": RESULTS_FORMAT_VERSION,
+                                       "records_dir": str(records),
+                                       "suites": {"demo": {"metrics": {"rougeL": 1.0, "exact_match": 1.0}}}}))
+        return results
+
+    first = fake_eval("s10", [100.0, 0.0, 0.0, 100.0])   # flag 2/3, capital 0/1
+    second = fake_eval("s20", [100.0, 100.0, 100.0, 100.0])
+    assert demo.exact_match_by_task(first, test_file) == pytest.approx({"capital": 0.0, "flag": 200 / 3})
+    summary = demo.summarise({"student": [(10, first, None), (20, second, None)]}, test_file)
+    assert summary["student"]["exact_match_by_task"] == pytest.approx({"capital": 50.0, "flag": (200 / 3 + 100) / 2})
