@@ -91,7 +91,7 @@ def prealign(data: Path, teacher_tokenizer: Path, student_tokenizer: Path, targe
         PYTHON, str(ROOT / "tools" / "prealign.py"), "--teacher-tokenizer", str(teacher_tokenizer),
         "--student-tokenizer", str(student_tokenizer), "--data", str(data),
         "--prompt-field", "prompt", "--response-field", "output", "--max-length", "256", "--num-shards", "2",
-        "--report-examples", "2", "--out", str(target),
+        "--report-examples", "2", "--ignore-fields", "task,noisy", "--out", str(target),
     ], logs / f"prealign_{target.name}.log")
 
 
