@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,15 +159,26 @@ def make_demo_data(out_dir: str | Path, *, seed: int = 1234, train: int = 3000, 
     them with wrong answers. The fact table is shared by all splits (facts are learned in train, asked again in
     valid/test); the other tasks are drawn afresh per split. Deterministic for a given seed and sizes.
     """
+    table = make_fact_table(random.Random(seed), countries)
+    return write_splits(out_dir, seed=seed, sizes={"train": train, "valid": valid, "test": test},
+                        student_train=student_train, label_noise=label_noise,
+                        make_rows=lambda rng, size, noise: make_split(rng, table, size, label_noise=noise))
+
+
+def write_splits(out_dir: str | Path, *, seed: int, sizes: dict[str, int], student_train: int, label_noise: float,
+                 make_rows: Callable[[random.Random, int, float], list[dict[str, str | bool]]]) -> dict[str, Path]:
+    """Write ``<split>.jsonl`` for the clean ``sizes`` and, when ``student_train`` > 0, the noisy ``student_train``.
+
+    Each split draws from its own generator, seeded by (``seed``, split name), so the clean splits do not depend on
+    the student set. ``make_rows(rng, size, label_noise)`` makes one split's rows. Returns the paths keyed by split.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    table = make_fact_table(rng, countries)
-    splits = [("train", train, 0.0), ("valid", valid, 0.0), ("test", test, 0.0)]
+    splits = [(split, size, 0.0) for split, size in sizes.items()]
     if student_train:
         splits.append(("student_train", student_train, label_noise))
     paths = {}
     for split, size, noise in splits:
         paths[split] = out_dir / f"{split}.jsonl"
-        write_jsonl(paths[split], make_split(random.Random(f"{seed}-{split}"), table, size, label_noise=noise))
+        write_jsonl(paths[split], make_rows(random.Random(f"{seed}-{split}"), size, noise))
     return paths

@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dskd_scale.demo.data import Country, make_fact_table, write_jsonl
+from dskd_scale.demo.data import Country, make_fact_table, write_splits
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 COUNTRY_FIELDS = ("capital", "language", "flag")
@@ -100,18 +100,10 @@ def make_knowledge_data(out_dir: str | Path, *, seed: int = 1234, train: int = 3
                         opposite_pairs: int = 12) -> dict[str, Path]:
     """Write ``train``, ``valid``, ``test`` (and with ``student_train`` > 0 the noisy ``student_train``) ``.jsonl``.
 
-    All splits ask about one world of facts. Each split draws its own rows, so the clean splits do not depend on
-    the student set's size or noise. Returns the paths keyed by split.
+    All splits ask about one world of facts; each draws its own rows (``data.write_splits``). Returns the paths
+    keyed by split.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     world = make_world(random.Random(seed), countries=countries, opposite_pairs=opposite_pairs)
-    splits = [("train", train, 0.0), ("valid", valid, 0.0), ("test", test, 0.0)]
-    if student_train:
-        splits.append(("student_train", student_train, label_noise))
-    paths = {}
-    for split, size, noise in splits:
-        paths[split] = out_dir / f"{split}.jsonl"
-        write_jsonl(paths[split], make_knowledge_split(random.Random(f"{seed}-{split}"), world, size,
-                                                       label_noise=noise))
-    return paths
+    return write_splits(out_dir, seed=seed, sizes={"train": train, "valid": valid, "test": test},
+                        student_train=student_train, label_noise=label_noise,
+                        make_rows=lambda rng, size, noise: make_knowledge_split(rng, world, size, label_noise=noise))
