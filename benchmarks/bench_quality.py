@@ -329,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     all_runs = [(f"same_{c}", c, "same") for c in SAME_VOCAB] + [(f"cross_{c}", c, "cross") for c in CROSS_VOCAB]
     runs = all_runs
     if args.only:
-        unknown = sorted(set(args.only.split(",")) - {name for name, _, _ in all_runs})
+        only = set(args.only.split(","))
+        unknown = sorted(only - {name for name, _, _ in all_runs})
         if unknown:
             parser.error(f"--only: unknown run(s) {unknown}; known: {[name for name, _, _ in all_runs]}")
-        runs = [run for run in all_runs if run[0] in args.only.split(",")]
+        runs = [run for run in all_runs if run[0] in only]
     if args.heal_steps:
         # A student cut from 4 of 30 layers starts at validation CE ~18 (the teacher: 2.4) and is still near 7 after
         # 60 steps whatever the criterion: one shared SFT pass brings it back to a model that answers, so the

@@ -114,15 +114,10 @@ def held_out_ce(run_dir: Path) -> float | None:
     return value
 
 
-def exact_match_by_task(results_file: Path, test_file: Path) -> dict[str, float]:
-    """Exact match (%) per ``task`` of the test rows, from the evaluation's per-example records."""
-    from dskd_scale.eval.results import read_results
-
-    with open(test_file, encoding="utf-8") as handle:
-        tasks = [json.loads(line)["task"] for line in handle]
-    records = Path(read_results(results_file)["records_dir"]) / "demo.greedy.jsonl"
+def exact_match_by_task(records_dir: Path, tasks: list[str]) -> dict[str, float]:
+    """Exact match (%) per task, from an evaluation's per-example records; ``tasks[i]`` is test row i's task."""
     hits: dict[str, list[float]] = {}
-    with open(records, encoding="utf-8") as handle:
+    with open(records_dir / "demo.greedy.jsonl", encoding="utf-8") as handle:
         for line in handle:
             record = json.loads(line)
             hits.setdefault(tasks[record["index"]], []).append(record["exact_match"])
@@ -138,23 +133,27 @@ def summarise(runs: dict[str, list[tuple[int, Path, Path | None]]], test_file: P
     """
     from dskd_scale.eval.results import read_results
 
+    tasks = None
+    if test_file is not None:
+        with open(test_file, encoding="utf-8") as handle:
+            tasks = [json.loads(line)["task"] for line in handle]
     summary = {}
     for name, seed_runs in runs.items():
         per_seed = []
         for seed, results_file, run_dir in seed_runs:
-            metrics = read_results(results_file)["suites"]["demo"]["metrics"]
+            results = read_results(results_file)
+            metrics = results["suites"]["demo"]["metrics"]
             per_seed.append({"seed": seed, "rouge_l": metrics["rougeL"], "exact_match": metrics["exact_match"],
                              "eval_ce": held_out_ce(run_dir) if run_dir is not None else None})
-            if test_file is not None:
-                per_seed[-1]["exact_match_by_task"] = exact_match_by_task(results_file, test_file)
+            if tasks is not None:
+                per_seed[-1]["exact_match_by_task"] = exact_match_by_task(Path(results["records_dir"]), tasks)
         row = {"seeds": [r["seed"] for r in per_seed], "per_seed": per_seed}
         for key in ("rouge_l", "exact_match", "eval_ce"):
             values = [r[key] for r in per_seed if r[key] is not None]
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        if test_file is not None:
-            row["exact_match_by_task"] = {task: statistics.fmean(r["exact_match_by_task"].get(task, 0.0)
-                                                                 for r in per_seed)
+        if tasks is not None:  # every seed evaluated the same test rows, so the same tasks
+            row["exact_match_by_task"] = {task: statistics.fmean(r["exact_match_by_task"][task] for r in per_seed)
                                           for task in per_seed[0]["exact_match_by_task"]}
         summary[name] = row
     return summary

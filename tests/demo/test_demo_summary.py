@@ -60,7 +60,7 @@ def test_exact_match_by_task_reads_the_records_and_averages_seeds(tmp_path):
         records = tmp_path / f"{name}_records"
         records.mkdir()
         # Records in another order than the test rows: the task is looked up by each record's index.
-        order = [3, 1, 0, 2]
+        order = [1, 3, 0, 2]
         (records / "demo.greedy.jsonl").write_text(
             "".join(json.dumps({"index": i, "exact_match": hits[i]}) + "\n" for i in order))
         results = tmp_path / f"{name}.json"
@@ -71,6 +71,7 @@ def test_exact_match_by_task_reads_the_records_and_averages_seeds(tmp_path):
 
     first = fake_eval("s10", [100.0, 0.0, 0.0, 100.0])   # flag 2/3, capital 0/1
     second = fake_eval("s20", [100.0, 100.0, 100.0, 100.0])
-    assert demo.exact_match_by_task(first, test_file) == pytest.approx({"capital": 0.0, "flag": 200 / 3})
+    tasks = ["flag", "capital", "flag", "flag"]
+    assert demo.exact_match_by_task(tmp_path / "s10_records", tasks) == pytest.approx({"capital": 0.0, "flag": 200 / 3})
     summary = demo.summarise({"student": [(10, first, None), (20, second, None)]}, test_file)
     assert summary["student"]["exact_match_by_task"] == pytest.approx({"capital": 50.0, "flag": (200 / 3 + 100) / 2})
