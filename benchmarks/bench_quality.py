@@ -32,18 +32,18 @@ tools/build_mined_map.py, launch/train.py, tools/evaluate.py):
   order (``data.seed``). Nothing was tuned: alpha and temperature are the DSKD paper's, lr was fixed before any
   run, and no choice looked at the test rows (tune only on the validation CE).
 
-Sizes (calibration, 2026-11-29, on the shared 2-core CPU machine under heavy contention, so CPU seconds overstate a
-quiet machine; batches of 8 training rows at max length 256, ~1130 tokens, mean row 137 tokens). One thread,
-process CPU: student forward + backward + AdamW 5.6-6.2 s, teacher forward 4-7 s. Whole runs (``timings.jsonl``,
-2 threads, CPU of both): an sft run ~5 s per step plus ~40 s start-up; --quick KD runs (4 steps) 130 s (dskd),
-171 s (dskd_eta), 184 s (uld), i.e. ~20 s per step; one evaluation of 100 rows × 96 new tokens 233 s. On a quiet
-core the issue measured 3 s (student) and 1 s (teacher) at 8 × 128 tokens. Per seed: 2 sft and 5 teacher-using
-runs of ``--steps`` steps plus 7 evaluations. With the quiet-core figures the defaults (3 seeds) take ~1.5 h on an
-idle 2-core machine; with the contended figures above ~3.5 h. Neither is verified on an idle machine: every step
-prints and appends to ``<work>/timings.jsonl`` its wall and CPU seconds, so a run there settles it (lower
-``--steps`` or ``--max-new-tokens`` if it exceeds 2 h).
+Sizes (measured 2026-11-30 on the quiet 2-core machine, batches of 8 training rows at max length 256, ~1130
+tokens; wall seconds from ``<work>/timings.jsonl``): healing 300 steps with 2 threads, alone: 657 s (same
+vocabulary), 501 s (GPT-2 vocabulary). With ``--jobs 2`` (two runs at once, one thread each), per run of 60 steps:
+sft 117-215 s, vanilla_kd 543-559 s, dskd 514-529 s, dskd_eta 543 s, uld 1013 s, mined 998 s (uld and mined sort
+or map both full vocabularies every step: ~15 s per step against ~7-9 s for the DSKD criteria); one evaluation of
+100 rows x 96 new tokens 59-73 s; the teacher's 192 s. A seed is ~4450 s of single-thread run time, ~37 min wall
+with two jobs, so the defaults take ~2 h 5 min from an empty work folder (20 min of it the two healings, done once
+and reused); each run and evaluation prints its wall seconds (and CPU seconds with ``--jobs 1``).
 
-Prints a table of mean ± std over seeds (ROUGE-L on the test rows, CE on the validation rows) and ends with
+Prints a table of mean ± std over seeds (ROUGE-L on the test rows, CE on the validation rows; the teacher's
+ROUGE-L above it), each SUMMARY difference with its standard error over the test rows (per-row differences
+averaged over the seeds: how far another draw of test rows could move it), and ends with
 ``SUMMARY dskd_minus_sft=… dskd_minus_kd=… dskd_eta_minus_sft=… dskd_eta_minus_best_baseline=…`` (ROUGE-L points,
 seed means; best baseline = the best of sft, uld and mined across tokenizers; sft here is the cross-vocabulary
 student trained with sft). ``--quick`` checks the pipeline in minutes on an idle machine (1 seed, 4 steps, 8 test
@@ -56,10 +56,10 @@ checkpoint of each finished run is deleted (the export and metrics are kept). A 
 fails is reported (command and log tail) and the others go on; the table counts each criterion's finished seeds, a
 criterion with fewer seeds than asked stays out of the SUMMARY (its keys print nan), and the exit status is 1.
 
-Not done yet: one teacher pass shared by the seeds (the seeds shuffle the data differently, so every teacher-using
-run computes its own teacher forward; ``teacher.cache_dir`` could serve vanilla_kd, dskd and dskd_eta but is not
-used here); no teacher row in the table (its generation costs about seven student evaluations); no tuning of alpha,
-temperature or lr on the validation split.
+Not done yet: one teacher pass shared by the seeds (every teacher-using run computes its own teacher forward;
+``teacher.cache_dir`` could serve vanilla_kd, dskd and dskd_eta, but it covers ``data.train_dir`` only and this
+benchmark's validation CE reads a separate ``data.eval_dir``); no tuning of alpha, temperature or lr on the
+validation split.
 """
 
 from __future__ import annotations
