@@ -10,12 +10,18 @@ import importlib
 import os
 import socket
 import sys
+import time
+import warnings
+from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
 _LAUNCHER_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+SHM_OP_NAME = "deepspeed_shm_comm"
+# The shm comm op builds in about 30 s; a build lock older than this was left by a build that was killed.
+STALE_BUILD_LOCK_S = 600.0
 
 
 def _free_port() -> int:
@@ -39,6 +45,44 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def shm_op_build_lock() -> Path:
+    """The lock file torch's JIT takes while it builds (or checks) DeepSpeed's CPU shm comm op."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(SHM_OP_NAME, verbose=False)) / "lock"
+
+
+def wait_for_build_lock(lock: Path, stale_after_s: float = STALE_BUILD_LOCK_S, poll_s: float = 1.0) -> None:
+    """Return once ``lock`` is gone, removing it when it is older than ``stale_after_s``.
+
+    torch waits forever on a JIT build's lock file, and a build killed half-way (Ctrl-C, a preempted job, an
+    OOM-killed rank) leaves the file behind: every later run on the machine would then hang at start.
+    A live build finishes and removes its lock long before it turns stale.
+    """
+    while True:
+        try:
+            age_s = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age_s > stale_after_s:
+            warnings.warn(
+                f"removing {lock}: a JIT build lock {age_s:.0f} s old was left by a killed build "
+                f"(torch would wait on it forever)",
+                stacklevel=2,
+            )
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
+
+
+def build_cpu_shm_op() -> None:
+    """Build (or load the built) CPU shm comm op once, so later runs pay no JIT; a stale lock is cleared first."""
+    from deepspeed.accelerator import get_accelerator
+
+    wait_for_build_lock(shm_op_build_lock())
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+
+
 def init_distributed(backend: str = "", *, skip_cpu_shm_op: bool = False) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed once; returns ``(rank, world_size)``.
 
@@ -52,6 +96,8 @@ def init_distributed(backend: str = "", *, skip_cpu_shm_op: bool = False) -> tup
         # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm re-exports it).
         importlib.import_module("deepspeed.comm.torch")
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    elif not torch.cuda.is_available() and not dist.is_initialized():
+        wait_for_build_lock(shm_op_build_lock())  # deepspeed builds the op inside init_distributed
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend or default_backend(), verbose=False)
     if torch.cuda.is_available():

@@ -252,3 +252,41 @@ def test_lora_student_with_gradient_checkpointing_trains_and_exports_merged(demo
     base = AutoModelForCausalLM.from_pretrained(demo["student"]).eval()
     with torch.no_grad():  # the adapters did change the model
         assert not torch.allclose(base(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4)
+
+
+@pytest.mark.timeout(60)  # a guard that never gives up on a lock would hang here, as torch's own wait does
+def test_a_stale_jit_build_lock_is_removed_and_a_live_one_is_waited_for(tmp_path):
+    import os
+    import threading
+    import time
+
+    from dskd_scale.engine.distributed import wait_for_build_lock
+
+    wait_for_build_lock(tmp_path / "absent")  # no lock: returns at once
+
+    stale = tmp_path / "stale" / "lock"
+    stale.parent.mkdir()
+    stale.touch()
+    old = time.time() - 700
+    os.utime(stale, (old, old))
+    with pytest.warns(UserWarning, match="left by a killed build"):
+        wait_for_build_lock(stale, stale_after_s=600)
+    assert not stale.exists()
+
+    live = tmp_path / "live" / "lock"
+    live.parent.mkdir()
+    live.touch()
+    release = threading.Timer(0.3, live.unlink)  # the building process finishes and removes its lock
+    release.start()
+    started = time.monotonic()
+    wait_for_build_lock(live, stale_after_s=600, poll_s=0.05)
+    release.join()
+    assert time.monotonic() - started >= 0.25, "returned while the live build still held its lock"
+    assert not live.exists()
+
+
+def test_the_lock_checked_is_the_one_torch_builds_the_shm_op_under(tmp_path, monkeypatch):
+    from dskd_scale.engine.distributed import shm_op_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert shm_op_build_lock() == tmp_path / "deepspeed_shm_comm" / "lock"
