@@ -101,8 +101,11 @@ def head_grad_weights(kd: KDConfig, global_counts: dict[str, float], *, world_si
     """
     if kd.criterion == "sft":
         return term_weights(global_counts, alpha=0.0, world_size=world_size, grad_accum_steps=grad_accum_steps)
-    if kd.criterion not in _DSKD_V2:
+    if kd.criterion == "dskd_cma":  # its student-head terms run through autograd, not the fused head
         return {}
+    if kd.criterion not in _DSKD_V2:  # combine puts the baseline's KD terms under alpha, each over its count
+        return term_weights(global_counts, alpha=kd.alpha, world_size=world_size, grad_accum_steps=grad_accum_steps,
+                            kd_terms=baselines.KD_TERMS[kd.criterion])
     local = ("kd_t2s", "ce_t2s", "kd_s2t") if kd.normalization == "official" else ()
     return term_weights(global_counts, alpha=kd.alpha, world_size=world_size, grad_accum_steps=grad_accum_steps,
                         spaces=kd.spaces, local_terms=local)
@@ -161,7 +164,7 @@ def compute_terms(kd: KDConfig, rows: Rows, student_hidden_BSD: Tensor, teacher_
     return baselines.criterion_terms(
         criterion, kd=kd, rows=rows, student_hidden_BSD=student_hidden_BSD, teacher_hidden_BTE=teacher_hidden_BTE,
         student_AD=student_AD, teacher_AE=teacher_AE, student_head=student_head, teacher_head=engines.teacher_head,
-        batch=batch, resources=resources)
+        batch=batch, resources=resources, head_grad_weights=weights)
 
 
 def combine(kd: KDConfig, terms: dict[str, tuple[Tensor, Tensor]], global_counts: dict[str, float], *,

@@ -9,6 +9,9 @@ Drivers, one per kind of head:
   backward re-runs the chunk and backpropagates through it inside the same autograd graph. A ZeRO-3
   module call works: its hooks gather the weight in both runs, and its gradient hook fires once with the
   sum over chunks. ``chunked_head_loss`` is the generic driver built on it: ``fn(*chunk_rows) -> (sum, *stats)``.
+- ``trainable_head_loss``: the generic driver of a loss of the trainable head's logits,
+  ``fn(logits_CV, *chunk_rows)``: ``fused_head_chunk`` per chunk for a ``TrainableHead``, ``recomputed_chunk``
+  for any other head callable.
 - ``eager_input_grad`` / ``eager_head_grad``: for terms whose head is *frozen* (teacher head, frozen copy
   of the student head). The forward computes the chunk loss and, immediately, its gradient w.r.t. the head
   *input* ``[C, D]``, then frees the logits; the backward only scales that stored gradient. No
@@ -55,6 +58,7 @@ __all__ = [
     "fused_head_chunk",
     "recomputed_chunk",
     "split_rows",
+    "trainable_head_loss",
 ]
 
 ChunkFn = Callable[..., tuple[Tensor, ...]]
@@ -303,6 +307,35 @@ def chunked_head_loss(fn: ChunkFn, *row_inputs: Tensor | None, chunk_size: int) 
         outputs = recomputed_chunk(fn, *chunk)
         totals = list(outputs) if totals is None else [a + b for a, b in zip(totals, outputs, strict=True)]
     return tuple(totals)
+
+
+def trainable_head_loss(
+    fn: LogitsFn,
+    head: HeadFn,
+    hidden_ND: Tensor,
+    *row_inputs: Tensor | None,
+    chunk_size: int,
+    expected_weights: Sequence[float],
+) -> tuple[Tensor, ...]:
+    """Sum over row chunks of ``fn(head(hidden_C), *rows_C) -> (*loss_sums, *stats)``, stats 0-dim.
+
+    A ``TrainableHead`` runs ``fused_head_chunk``: ``fn`` sees row blocks of the chunk's logits and the weight
+    gradient is accumulated in the forward, so nothing is recomputed in the backward when ``expected_weights``
+    (see ``fused_head_chunk``) are right. ``fn`` then runs on row blocks: it must build any vocabulary-sized
+    target (teacher logits) from its row inputs itself, never receive one, which would be kept for the
+    backward. Any other head callable (e.g. a ZeRO-3 module call) runs ``recomputed_chunk`` on whole chunks.
+    """
+    if isinstance(head, TrainableHead) and hidden_ND.shape[0] > 0:
+        totals: list[Tensor] | None = None
+        for hidden_CD, *rows in split_rows([hidden_ND, *row_inputs], chunk_size):
+            outputs = fused_head_chunk(fn, head, hidden_CD, *rows, expected_weights=expected_weights)
+            totals = list(outputs) if totals is None else [a + b for a, b in zip(totals, outputs, strict=True)]
+        return tuple(totals)
+
+    def with_head(hidden_CD: Tensor, *rows: Tensor | None) -> tuple[Tensor, ...]:
+        return fn(head(hidden_CD), *rows)
+
+    return chunked_head_loss(with_head, hidden_ND, *row_inputs, chunk_size=chunk_size)
 
 
 def _common_factor(received: Sequence[float], expected: Sequence[float]) -> float | None:

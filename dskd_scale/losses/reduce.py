@@ -148,19 +148,21 @@ def term_weights(
     grad_accum_steps: int,
     spaces: str = "both",
     local_terms: tuple[str, ...] = (),
+    kd_terms: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """``d(loss_to_backward) / d(local_sum)`` of every globally normalised term ``combine_terms`` would use.
 
     Known before the forward (the global counts are), so a ``TrainableHead`` can accumulate the weight
     gradient already weighted (``chunked.fused_head_chunk``). Terms in ``local_terms`` (official
-    normalisation) are left out: their count is known only after the forward.
+    normalisation) are left out: their count is known only after the forward. ``kd_terms`` names the terms
+    under ``alpha`` when they are not DSKD's (``KD_TERMS_BY_SPACE[spaces]``), e.g. a baseline's ``("kd",)``.
     """
     scale = world_size * grad_accum_steps
     weights: dict[str, float] = {}
     if alpha < 1.0 and "ce" in global_counts:
         weights["ce"] = (1.0 - alpha) / max(float(global_counts["ce"]), 1.0) * scale
     if alpha > 0.0:
-        for name in KD_TERMS_BY_SPACE[spaces]:
+        for name in KD_TERMS_BY_SPACE[spaces] if kd_terms is None else kd_terms:
             if name in global_counts and name not in local_terms:
                 weights[name] = alpha / max(float(global_counts[name]), 1.0) * scale
     return weights

@@ -227,3 +227,49 @@ def test_mined_loss_golden_aligned_rows_use_mapped_teacher_others_gold():
     with torch.no_grad():  # a non-aligned row's teacher input is never read
         teacher_h[1] = 1e6
     torch.testing.assert_close(run(loss, student_h, student_head)[0], value)
+
+
+def _baseline_losses(student_h, teacher_h, student_head, teacher_head, grad_weight):
+    """vanilla KD, ULD and MinED over the same rows (7 rows, chunks of 3), each as {"kd": (sum, count)}."""
+    labels = torch.tensor([3, 0, 2, 4, 1, 5, 2])
+    aligned = torch.tensor([True, False, True, True, False, True, True])
+    params = DivergenceParams(temperature=2.0)
+    common = dict(student_head=student_head, teacher_head=teacher_head, chunk_size=3, grad_weight=grad_weight)
+    return {
+        "vanilla_kd": lambda: vanilla_kd_loss(student_h, teacher_h, vocab_size=6, params=params, **common),
+        "uld": lambda: uld_loss(student_h, teacher_h, student_vocab_size=6, teacher_vocab_size=8, **common),
+        "mined": lambda: mined_kd_loss(
+            student_h, teacher_h, labels, aligned, student_to_teacher_ids=torch.tensor([2, -1, 0, 4, -1, 7]),
+            params=params, **common
+        ),
+    }
+
+
+@pytest.mark.parametrize("criterion", ["vanilla_kd", "uld", "mined"])
+@pytest.mark.parametrize("weight_known", [True, False])
+def test_fused_trainable_head_gives_the_autograd_head_loss_and_gradients(criterion, weight_known):
+    """A TrainableHead (weight gradient accumulated in the forward on row blocks, no recomputation when the
+    expected weight is right; recomputed when it is unknown) equals a plain autograd head, in fp64."""
+    from dskd_scale.losses import TrainableHead
+
+    weight_loss = 0.37  # the caller's d(total)/d(sum), as reduce.term_weights would give it
+    plain_head, teacher_head = head(3, 8, 0), head(4, 9, 1, trainable=False)  # heads padded past the tokenizers
+    student_h, teacher_h = leaf(7, 3, seed=2), leaf(7, 4, seed=3).detach()
+    plain_value, plain_grad_h, plain_grad_w = run(
+        _baseline_losses(student_h, teacher_h, plain_head, teacher_head, 0.0)[criterion], student_h, plain_head
+    )
+    plain_grad_h, plain_grad_w = plain_grad_h * weight_loss, plain_grad_w * weight_loss
+
+    fused_head = TrainableHead(plain_head.weight.detach().clone())
+    head_calls = []
+    logits = fused_head.logits
+    fused_head.logits = lambda hidden: head_calls.append(hidden.shape[0]) or logits(hidden)
+    student_h.grad = None
+    losses = _baseline_losses(student_h, teacher_h, fused_head, teacher_head, weight_loss if weight_known else 0.0)
+    value = losses[criterion]()["kd"][0]
+    (weight_loss * value).backward()
+    torch.testing.assert_close(value.detach(), plain_value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(student_h.grad, plain_grad_h, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused_head.take_gradient(), plain_grad_w, rtol=1e-10, atol=1e-12)
+    # One head pass per chunk of 3 rows; a second one in the backward only when the weight was not known.
+    assert sorted(head_calls) == sorted([3, 3, 1] * (1 if weight_known else 2))

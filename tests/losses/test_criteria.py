@@ -316,3 +316,22 @@ def test_config_keys_are_checked():
     problems = KDConfig(spaces="neither", normalization="local").problems()
     assert any("kd.spaces must be" in p for p in problems) and any("kd.normalization must be" in p for p in problems)
     assert any("apply to dskd/dskd_eta only" in p for p in KDConfig(criterion="uld", spaces="teacher").problems())
+
+
+@pytest.mark.parametrize("criterion", ["sft", "vanilla_kd", "uld", "mined", "dskd", "dskd_eta"])
+def test_head_grad_weights_are_the_derivatives_of_the_combined_loss(criterion):
+    """The fused student head is told d(loss)/d(term sum) before the forward; combine must then use exactly
+    those weights, or every chunk is recomputed in the backward."""
+    from dskd_scale.criteria import head_grad_weights
+
+    kd = KDConfig(criterion=criterion, alpha=ALPHA)
+    counts = {"ce": 40, "kd": 31, "kd_t2s": 25, "ce_t2s": 25, "kd_s2t": 25}
+    sums = {name: torch.tensor(1.5, requires_grad=True) for name in counts}
+    terms = {name: (value, torch.tensor(counts[name])) for name, value in sums.items()}
+    loss, _ = combine(kd, terms, counts, world_size=2, grad_accum_steps=3)
+    loss.backward()
+    weights = head_grad_weights(kd, counts, world_size=2, grad_accum_steps=3)
+    used = {name: float(value.grad) for name, value in sums.items() if value.grad is not None and value.grad != 0}
+    assert set(weights) == set(used), f"weights for {sorted(weights)}, loss uses {sorted(used)}"
+    for name, weight in weights.items():
+        assert weight == pytest.approx(used[name], rel=1e-6), name

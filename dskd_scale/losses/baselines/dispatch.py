@@ -102,6 +102,7 @@ def criterion_terms(
     teacher_head: HeadFn | None,
     batch: dict[str, Tensor],
     resources: BaselineResources | None = None,
+    head_grad_weights: dict[str, float] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """``{"ce": ..., <KD_TERMS[criterion]>: ..., metrics}`` as ``(sum, count)`` for one micro-batch.
 
@@ -115,10 +116,14 @@ def criterion_terms(
         student_head: trainable head; teacher_head: frozen teacher head.
         batch: the Contract 2 micro-batch.
         resources: ``BaselineResources`` (every criterion but ``sft`` needs at least the tokenizer lengths).
+        head_grad_weights: expected ``d loss / d sum`` of ``ce`` and ``kd`` (``criteria.head_grad_weights``); a
+            ``TrainableHead`` student head then accumulates its gradient in the forward, with no recomputation.
     """
+    weights = head_grad_weights or {}
     label_batch_N, label_pos_N, labels_N = _label_rows(batch)
     hidden_ND = student_hidden_BSD[label_batch_N, label_pos_N]
-    terms = {"ce": student_ce(hidden_ND, labels_N, student_head, chunk_size=kd.chunk_size)}
+    terms = {"ce": student_ce(hidden_ND, labels_N, student_head, chunk_size=kd.chunk_size,
+                              grad_weight=weights.get("ce", 0.0))}
     if criterion == "sft":
         return terms
     if criterion not in BASELINES:
@@ -138,6 +143,7 @@ def criterion_terms(
                 divergence=kd.divergence,
                 params=params,
                 chunk_size=kd.chunk_size,
+                grad_weight=weights.get("kd", 0.0),
             )
         )
     elif criterion == "uld":
@@ -151,6 +157,7 @@ def criterion_terms(
                 student_vocab_size=resources.student_vocab_size,
                 teacher_vocab_size=resources.teacher_vocab_size,
                 chunk_size=kd.chunk_size,
+                grad_weight=weights.get("kd", 0.0),
             )
         )
     elif criterion == "mined":
@@ -171,6 +178,7 @@ def criterion_terms(
                 divergence=kd.divergence,
                 params=params,
                 chunk_size=kd.chunk_size,
+                grad_weight=weights.get("kd", 0.0),
             )
         )
     else:  # dskd_cma

@@ -13,7 +13,7 @@ Every student response row gets a target distribution over the student vocabular
 
 The loss is ``D(target, student)`` per row (the anchor uses forward KL; other divergences follow the masked-entry
 rule of ``divergences.py``), summed with count = all student label rows. No ``[N, V]`` tensor exists beyond one
-chunk; teacher logits are recomputed inside the chunk in the backward rather than stored.
+chunk; teacher logits are formed per chunk (per row block for a ``TrainableHead``), never stored.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dskd_scale.alignment.mined import MinedMap, mined_alignment
-from dskd_scale.losses.chunked import HeadFn, chunked_head_loss
+from dskd_scale.losses.chunked import HeadFn, trainable_head_loss
 from dskd_scale.losses.divergences import DivergenceParams, RowDivergence, at_least_fp32, resolve_divergence
 
 __all__ = ["mined_kd_loss", "mined_teacher_rows", "mined_target_logits"]
@@ -48,19 +48,17 @@ def mined_target_logits(
     return torch.where(aligned_C.unsqueeze(1), target, one_hot)
 
 
-def _mined_chunk(
-    student_hidden_CD: Tensor,
+def _mined_rows(
+    student_logits: Tensor,
     teacher_hidden_CE: Tensor,
     labels_C: Tensor,
     aligned_C: Tensor,
     *,
-    student_head: HeadFn,
     teacher_head: HeadFn,
     student_to_teacher_V: Tensor,
     row_divergence: RowDivergence,
     params: DivergenceParams,
 ) -> tuple[Tensor]:
-    student_logits = student_head(student_hidden_CD)
     with torch.no_grad():
         target = mined_target_logits(
             teacher_head(teacher_hidden_CE), labels_C, aligned_C, student_to_teacher_V, student_logits.shape[-1]
@@ -80,6 +78,7 @@ def mined_kd_loss(
     divergence: str = "forward_kl",
     params: DivergenceParams | None = None,
     chunk_size: int,
+    grad_weight: float = 0.0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """MinED KD over every student label row.
 
@@ -92,6 +91,8 @@ def mined_kd_loss(
         student_head: trainable ``[C, D] -> [C, V]``; teacher_head: frozen ``[C, E] -> [C, W]``.
         student_to_teacher_ids: int64 ``[len(student tokenizer)]`` from the MinED map, -1 where none maps.
         divergence, params: the divergence and its temperature; chunk_size: rows per chunk.
+        grad_weight: expected ``d loss / d sum`` (``reduce.term_weights``), used by a ``TrainableHead`` only;
+            0 means unknown (exact, recomputed in the backward).
 
     Returns:
         ``{"kd": (sum, N), "mined_aligned": (aligned rows, N)}``.
@@ -102,17 +103,17 @@ def mined_kd_loss(
             raise ValueError(f"{name} has {tensor.shape[0]} rows, student_hidden_ND has {rows}")
     if bool((labels_N < 0).any()):
         raise ValueError("labels_N holds ignored labels; pass label rows only")
-    chunk_fn = partial(
-        _mined_chunk,
-        student_head=student_head,
+    rows_fn = partial(
+        _mined_rows,
         teacher_head=teacher_head,
         student_to_teacher_V=student_to_teacher_ids.to(device=student_hidden_ND.device, dtype=torch.long),
         row_divergence=resolve_divergence(divergence),
         params=params or DivergenceParams(),
     )
     aligned_N = aligned_N.to(torch.bool)
-    (loss_sum,) = chunked_head_loss(
-        chunk_fn, student_hidden_ND, teacher_hidden_NE.detach(), labels_N.long(), aligned_N, chunk_size=chunk_size
+    (loss_sum,) = trainable_head_loss(
+        rows_fn, student_head, student_hidden_ND, teacher_hidden_NE.detach(), labels_N.long(), aligned_N,
+        chunk_size=chunk_size, expected_weights=(grad_weight,),
     )
     count = torch.tensor(rows, dtype=torch.long, device=student_hidden_ND.device)
     return {"kd": (loss_sum, count), "mined_aligned": (aligned_N.sum(), count)}

@@ -10,9 +10,10 @@ zeros to the larger vocabulary::
 
     uld = sum_r |sort(p_s)[r] - sort(p_t)[r]|          (r over max(V, W) ranks, zero padded)
 
-Computed per chunk without padding anything: the common ranks give ``|a - b|`` and the tail ranks of the larger
-vocabulary give their own mass. No ``[P, V]`` tensor exists beyond one chunk. Head rows beyond the tokenizer
-lengths (padding) are excluded. The anchor applies no temperature; ``temperature`` defaults to 1.
+Computed per chunk (per row block of it for a ``TrainableHead``) without padding anything: the common ranks
+give ``|a - b|`` and the tail ranks of the larger vocabulary give their own mass. No ``[P, V]`` tensor exists
+beyond one chunk. Head rows beyond the tokenizer lengths (padding) are excluded. The anchor applies no
+temperature; ``temperature`` defaults to 1.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from dskd_scale.losses.chunked import HeadFn, chunked_head_loss
+from dskd_scale.losses.chunked import HeadFn, trainable_head_loss
 from dskd_scale.losses.divergences import at_least_fp32
 
 __all__ = ["sorted_probability_l1", "uld_loss", "uld_pairs"]
@@ -66,17 +67,15 @@ def sorted_probability_l1(student_logits_CV: Tensor, teacher_logits_CW: Tensor, 
     return l1 + student_p[:, common:].sum(-1) + teacher_p[:, common:].sum(-1)
 
 
-def _uld_chunk(
-    student_hidden_CD: Tensor,
+def _uld_rows(
+    student_logits: Tensor,
     teacher_hidden_CE: Tensor,
     *,
-    student_head: HeadFn,
     teacher_head: HeadFn,
     student_vocab_size: int,
     teacher_vocab_size: int,
     temperature: float,
 ) -> tuple[Tensor]:
-    student_logits = student_head(student_hidden_CD)
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_hidden_CE)
     for side, logits, size in (
@@ -101,6 +100,7 @@ def uld_loss(
     teacher_vocab_size: int,
     temperature: float = 1.0,
     chunk_size: int,
+    grad_weight: float = 0.0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """ULD over paired rows (``uld_pairs``): ``{"kd": (sum of per-pair sorted-probability L1, P)}``.
 
@@ -110,21 +110,26 @@ def uld_loss(
         student_head: trainable ``[C, D] -> [C, >=V]``; teacher_head: frozen ``[C, E] -> [C, >=W]``.
         student_vocab_size, teacher_vocab_size: tokenizer lengths; head rows past them are padding and dropped.
         temperature: divides both sides' logits (1 = the anchor).
-        chunk_size: rows per chunk; the student chunk is recomputed in the backward.
+        chunk_size: rows per chunk (``chunked.trainable_head_loss``: a ``TrainableHead`` sorts each chunk once,
+            any other head callable again in the backward recomputation).
+        grad_weight: expected ``d loss / d sum`` (``reduce.term_weights``), used by a ``TrainableHead`` only;
+            0 means unknown (exact, recomputed in the backward).
     """
     if teacher_hidden_PE.shape[0] != student_hidden_PD.shape[0]:
         raise ValueError(f"{student_hidden_PD.shape[0]} student rows but {teacher_hidden_PE.shape[0]} teacher rows")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    chunk_fn = partial(
-        _uld_chunk,
-        student_head=student_head,
+    rows_fn = partial(
+        _uld_rows,
         teacher_head=teacher_head,
         student_vocab_size=student_vocab_size,
         teacher_vocab_size=teacher_vocab_size,
         temperature=temperature,
     )
-    (loss_sum,) = chunked_head_loss(chunk_fn, student_hidden_PD, teacher_hidden_PE.detach(), chunk_size=chunk_size)
+    (loss_sum,) = trainable_head_loss(
+        rows_fn, student_head, student_hidden_PD, teacher_hidden_PE.detach(), chunk_size=chunk_size,
+        expected_weights=(grad_weight,),
+    )
     return {
         "kd": (loss_sum, torch.tensor(student_hidden_PD.shape[0], dtype=torch.long, device=student_hidden_PD.device))
     }

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from dskd_scale.losses.ce import student_ce
-from dskd_scale.losses.chunked import HeadFn, chunked_head_loss
+from dskd_scale.losses.chunked import HeadFn, trainable_head_loss
 from dskd_scale.losses.divergences import DivergenceParams, RowDivergence, resolve_divergence
 
 __all__ = ["check_same_vocabulary", "sft_loss", "vanilla_kd_loss"]
@@ -43,17 +43,15 @@ def check_same_vocabulary(student_tokenizer_len: int, teacher_tokenizer_len: int
     return student_tokenizer_len
 
 
-def _vanilla_chunk(
-    student_hidden_CD: Tensor,
+def _vanilla_rows(
+    student_logits: Tensor,
     teacher_hidden_CE: Tensor,
     *,
-    student_head: HeadFn,
     teacher_head: HeadFn,
     vocab_size: int,
     row_divergence: RowDivergence,
     params: DivergenceParams,
 ) -> tuple[Tensor, Tensor]:
-    student_logits = student_head(student_hidden_CD)
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_hidden_CE)
     for side, logits in (("student", student_logits), ("teacher", teacher_logits)):
@@ -74,6 +72,7 @@ def vanilla_kd_loss(
     divergence: str = "forward_kl",
     params: DivergenceParams | None = None,
     chunk_size: int,
+    grad_weight: float = 0.0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Vanilla KD, ``D(target = teacher, student)`` per row, on token ids ``< vocab_size`` only.
 
@@ -83,21 +82,25 @@ def vanilla_kd_loss(
         student_head: trainable ``[C, D] -> [C, >=V]``; teacher_head: frozen ``[C, E] -> [C, >=V]``.
         vocab_size: the shared tokenizer length (``check_same_vocabulary``); head rows past it are ignored.
         divergence: a key of ``DIVERGENCES``; params: its temperature and knobs.
-        chunk_size: rows per chunk; both heads run one chunk at a time, recomputed in the backward.
+        chunk_size: rows per chunk; both heads run one chunk at a time (``chunked.trainable_head_loss``).
+        grad_weight: expected ``d loss / d sum`` (``reduce.term_weights``), used by a ``TrainableHead`` only;
+            0 means unknown (exact, recomputed in the backward).
 
     Returns:
         ``{"kd": (sum, N), "student_teacher_agreement": (argmax hits, N)}``.
     """
     if teacher_hidden_NE.shape[0] != student_hidden_ND.shape[0]:
         raise ValueError(f"{student_hidden_ND.shape[0]} student rows but {teacher_hidden_NE.shape[0]} teacher rows")
-    chunk_fn = partial(
-        _vanilla_chunk,
-        student_head=student_head,
+    rows_fn = partial(
+        _vanilla_rows,
         teacher_head=teacher_head,
         vocab_size=vocab_size,
         row_divergence=resolve_divergence(divergence),
         params=params or DivergenceParams(),
     )
-    loss_sum, hits = chunked_head_loss(chunk_fn, student_hidden_ND, teacher_hidden_NE.detach(), chunk_size=chunk_size)
+    loss_sum, hits = trainable_head_loss(
+        rows_fn, student_head, student_hidden_ND, teacher_hidden_NE.detach(), chunk_size=chunk_size,
+        expected_weights=(grad_weight,),
+    )
     rows = torch.tensor(student_hidden_ND.shape[0], dtype=torch.long, device=student_hidden_ND.device)
     return {"kd": (loss_sum, rows), "student_teacher_agreement": (hits, rows)}
