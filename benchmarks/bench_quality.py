@@ -32,14 +32,15 @@ tools/build_mined_map.py, launch/train.py, tools/evaluate.py):
   order (``data.seed``). Nothing was tuned: alpha and temperature are the DSKD paper's, lr was fixed before any
   run, and no choice looked at the test rows (tune only on the validation CE).
 
-Sizes (measured 2026-11-30 on the quiet 2-core machine, batches of 8 training rows at max length 256, ~1130
-tokens; wall seconds from ``<work>/timings.jsonl``): healing 300 steps with 2 threads, alone: 657 s (same
-vocabulary), 501 s (GPT-2 vocabulary). With ``--jobs 2`` (two runs at once, one thread each), per run of 60 steps:
-sft 117-215 s, vanilla_kd 543-559 s, dskd 514-529 s, dskd_eta 543 s, uld 1013 s, mined 998 s (uld and mined sort
-or map both full vocabularies every step: ~15 s per step against ~7-9 s for the DSKD criteria); one evaluation of
-100 rows x 96 new tokens 59-73 s; the teacher's 192 s. A seed is ~4450 s of single-thread run time, ~37 min wall
-with two jobs, so the defaults take ~2 h 5 min from an empty work folder (20 min of it the two healings, done once
-and reused); each run and evaluation prints its wall seconds (and CPU seconds with ``--jobs 1``).
+Sizes (measured 2026-11-30 on the quiet 2-core machine, batches of 8 training rows at max length 256, ~1130 tokens;
+wall seconds from ``<work>/timings.jsonl``): healing 300 steps with 2 threads, alone: 657 s (same vocabulary), 501 s
+(GPT-2 vocabulary). With ``--jobs 2`` (two runs at once, one thread each), per run of 60 steps: sft 117-215 s,
+vanilla_kd 543-559 s (before its head ran fused), dskd 514-529 s, dskd_eta 543 s, uld 658 s, mined 561 s (uld and
+mined form both full vocabularies every step, uld sorts both: they took ~15 s per step, 1013 s and 998 s a run,
+until their student head ran fused like DSKD's, ``bench_baseline_heads.py``); one evaluation of 100 rows x 96 new
+tokens 48-73 s; the teacher's 192 s. A seed is ~3520 s of single-thread run time (seed 10, quiet), ~30 min wall with
+two jobs, so the defaults take an estimated ~1 h 55 min from an empty work folder (19 min of it the two healings,
+done once and reused); each run and evaluation prints its wall seconds (and CPU seconds with ``--jobs 1``).
 
 Prints a table of mean ± std over seeds (ROUGE-L on the test rows, CE on the validation rows; the teacher's
 ROUGE-L above it), each SUMMARY difference with its standard error over the test rows (per-row differences
