@@ -113,4 +113,11 @@ def run_jobs(jobs_path: str, results: dict, tensors: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    exit_code = main(*sys.argv[1:3])
+    from dskd_scale.engine.distributed import barrier, shutdown
+
+    # Leave the process group together: exiting with gloo's threads alive can abort a rank at teardown
+    # ("terminate called without an active exception").
+    barrier()
+    shutdown()
+    sys.exit(exit_code)

@@ -81,3 +81,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from dskd_scale.engine.distributed import barrier, shutdown
+
+    # Leave the process group together: exiting with gloo's threads alive can abort a rank at teardown
+    # ("terminate called without an active exception").
+    barrier()
+    shutdown()
