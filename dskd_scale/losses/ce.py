@@ -1,4 +1,4 @@
-"""Student cross-entropy on gold labels, computed in token chunks with backward recomputation.
+"""Student cross-entropy on gold labels, computed in token chunks (``chunked.trainable_head_loss``).
 
 Shape legend: ``N`` flat rows, ``D`` student hidden, ``V`` student vocabulary.
 """
@@ -10,7 +10,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor
 
-from dskd_scale.losses.chunked import HeadFn, TrainableHead, chunked_head_loss, fused_head_chunk, split_rows
+from dskd_scale.losses.chunked import HeadFn, trainable_head_loss
 from dskd_scale.losses.divergences import at_least_fp32
 
 __all__ = ["student_ce"]
@@ -18,10 +18,6 @@ __all__ = ["student_ce"]
 
 def _ce_from_logits(logits_CV: Tensor, labels_C: Tensor, *, ignore_index: int) -> tuple[Tensor]:
     return (F.cross_entropy(at_least_fp32(logits_CV), labels_C, ignore_index=ignore_index, reduction="sum"),)
-
-
-def _ce_chunk(hidden_CD: Tensor, labels_C: Tensor, *, head: HeadFn, ignore_index: int) -> tuple[Tensor]:
-    return _ce_from_logits(head(hidden_CD), labels_C, ignore_index=ignore_index)
 
 
 def student_ce(
@@ -54,16 +50,8 @@ def student_ce(
         )
 
     count = (labels_N != ignore_index).sum()
-    if isinstance(student_head, TrainableHead):
-        loss_sum = student_hidden_ND.sum().float() * 0.0  # attached to the graph even with no rows
-        ce_fn = partial(_ce_from_logits, ignore_index=ignore_index)
-        for hidden_CD, labels_C in split_rows([student_hidden_ND, labels_N.long()], chunk_size):
-            (chunk_sum,) = fused_head_chunk(ce_fn, student_head, hidden_CD, labels_C, expected_weights=(grad_weight,))
-            loss_sum = loss_sum + chunk_sum
-        return loss_sum, count
-
-    def chunk_fn(hidden_CD: Tensor, labels_C: Tensor) -> tuple[Tensor]:
-        return _ce_chunk(hidden_CD, labels_C, head=student_head, ignore_index=ignore_index)
-
-    (loss_sum,) = chunked_head_loss(chunk_fn, student_hidden_ND, labels_N.long(), chunk_size=chunk_size)
+    (loss_sum,) = trainable_head_loss(
+        partial(_ce_from_logits, ignore_index=ignore_index), student_head, student_hidden_ND, labels_N.long(),
+        chunk_size=chunk_size, expected_weights=(grad_weight,),
+    )
     return loss_sum, count
