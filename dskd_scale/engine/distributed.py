@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 _LAUNCHER_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
-SHM_OP_NAME = "deepspeed_shm_comm"
 # The shm comm op builds in about 30 s; a build lock older than this was left by a build that was killed.
 STALE_BUILD_LOCK_S = 600.0
 
@@ -45,11 +44,17 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _shm_op_builder():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().create_op_builder("ShareMemCommBuilder")
+
+
 def shm_op_build_lock() -> Path:
     """The lock file torch's JIT takes while it builds (or checks) DeepSpeed's CPU shm comm op."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory(SHM_OP_NAME, verbose=False)) / "lock"
+    return Path(_get_build_directory(_shm_op_builder().name, verbose=False)) / "lock"
 
 
 def wait_for_build_lock(lock: Path, stale_after_s: float = STALE_BUILD_LOCK_S, poll_s: float = 1.0) -> None:
@@ -77,10 +82,8 @@ def wait_for_build_lock(lock: Path, stale_after_s: float = STALE_BUILD_LOCK_S, p
 
 def build_cpu_shm_op() -> None:
     """Build (or load the built) CPU shm comm op once, so later runs pay no JIT; a stale lock is cleared first."""
-    from deepspeed.accelerator import get_accelerator
-
     wait_for_build_lock(shm_op_build_lock())
-    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+    _shm_op_builder().load()
 
 
 def init_distributed(backend: str = "", *, skip_cpu_shm_op: bool = False) -> tuple[int, int]:

@@ -289,4 +289,37 @@ def test_the_lock_checked_is_the_one_torch_builds_the_shm_op_under(tmp_path, mon
     from dskd_scale.engine.distributed import shm_op_build_lock
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert shm_op_build_lock() == tmp_path / "deepspeed_shm_comm" / "lock"
+    assert shm_op_build_lock() == tmp_path / "deepspeed_shm_comm" / "lock"  # DeepSpeed's name for the op
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shm op is built only without CUDA")
+def test_init_distributed_clears_the_build_lock_before_deepspeed_builds_the_op(monkeypatch):
+    import importlib
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from dskd_scale.engine import distributed
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def deepspeed_init(**_):
+        calls.append("deepspeed.init_distributed")
+        raise Stop
+
+    monkeypatch.setenv("RANK", "0")  # a launcher's world: no defaults written into os.environ
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed, "wait_for_build_lock", lambda lock: calls.append(("wait", lock.name)))
+    monkeypatch.setattr(deepspeed, "init_distributed", deepspeed_init)
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(comm_torch, "build_shm_op", comm_torch.build_shm_op)  # restored after skip_cpu_shm_op
+    with pytest.raises(Stop):
+        distributed.init_distributed()
+    assert calls == [("wait", "lock"), "deepspeed.init_distributed"]
+    calls.clear()
+    with pytest.raises(Stop):
+        distributed.init_distributed(skip_cpu_shm_op=True)  # no op built: nothing to wait for
+    assert calls == ["deepspeed.init_distributed"]
